@@ -1,0 +1,1 @@
+"""The programming model and the built-in actors."""

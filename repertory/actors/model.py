@@ -1,0 +1,200 @@
+"""The programming model: an actor kind is a class of command handlers and event appliers.
+
+```python
+class Account(Actor[Balance]):
+    kind = "account"
+    initial = Balance()
+
+    @command
+    def deposit(self, state: Balance, cmd: Deposit, ctx: Context) -> Deposited:
+        if cmd.amount <= 0:
+            raise Rejected("amount must be positive")
+        return Deposited(cmd.amount)
+
+    @applier
+    def deposited(self, state: Balance, event: Deposited) -> Balance:
+        return Balance(state.balance + event.amount)
+```
+
+Handlers decide (they return events, or raise `Rejected`); appliers fold (pure functions of
+state and event). Both are dispatched on the type annotation of their message parameter.
+"""
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import msgspec
+
+from repertory.schemas.errors import RepertoryError
+from repertory.streams.keys import Address
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+HandlerResult = msgspec.Struct | Sequence[msgspec.Struct] | None
+
+
+class Rejected(RepertoryError):
+    """A domain refusal raised by a command handler: nothing is committed but the fact that the
+    message was handled, it is not retried, and an `ask` caller receives it as an error."""
+
+    def __init__(self, reason: str, *, code: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class ActorDefinitionError(RepertoryError, TypeError):
+    """An actor class whose handlers or appliers cannot be dispatched."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message a handler sends; committed with its events, delivered after the commit."""
+
+    target: Address
+    message: msgspec.Struct
+    delay_ms: int = 0
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler may use besides its state and message.
+
+    `now_ms` is the handling time recorded with the message, so a replay sees the same clock.
+    Effects (`send`, `schedule`, `reply`) are buffered and committed atomically with the events.
+    """
+
+    address: Address
+    version: int
+    message_id: str
+    now_ms: int
+    correlation_id: str | None = None
+    outgoing: list[Outgoing] = field(default_factory=list)
+    reply_value: msgspec.Struct | None = None
+
+    def send(self, target: Address | str, message: msgspec.Struct) -> None:
+        """Fire and forget: delivered at least once, effective once, after this commit."""
+        address = Address.parse(target) if isinstance(target, str) else target
+        self.outgoing.append(Outgoing(address, message))
+
+    def schedule(
+        self, delay_s: float, message: msgspec.Struct, *, target: Address | str | None = None
+    ) -> None:
+        """A durable timer: `message` reaches `target` (default: this actor) after `delay_s`,
+        even across restarts."""
+        address = self.address if target is None else target
+        address = Address.parse(address) if isinstance(address, str) else address
+        self.outgoing.append(Outgoing(address, message, max(0, round(delay_s * 1000))))
+
+    def reply(self, message: msgspec.Struct) -> None:
+        """The answer an `ask` caller receives (default: the events this handler produced)."""
+        self.reply_value = message
+
+
+CommandHandler = Callable[[Any, Any, Any, Context], HandlerResult | Awaitable[HandlerResult]]
+Applier = Callable[[Any, Any, Any], Any]
+
+_ROLE = "__repertory_role__"
+
+
+def command(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a method `(self, state, message, ctx) -> events` as the handler of its message type."""
+    setattr(function, _ROLE, "command")
+    return function
+
+
+def applier(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a method `(self, state, event) -> state` as the applier of its event type."""
+    setattr(function, _ROLE, "applier")
+    return function
+
+
+def _message_type(owner: type, function: Callable[..., Any], position: int) -> type:
+    hints = typing.get_type_hints(function)
+    parameters = list(inspect.signature(function).parameters)
+    if len(parameters) <= position:
+        raise ActorDefinitionError(
+            f"{owner.__name__}.{function.__name__} needs a message parameter at position {position}"
+        )
+    annotation = hints.get(parameters[position])
+    if not (isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)):
+        raise ActorDefinitionError(
+            f"{owner.__name__}.{function.__name__}: parameter {parameters[position]!r} must be "
+            f"annotated with a msgspec.Struct type, not {annotation!r}"
+        )
+    return annotation
+
+
+class Actor(Generic[S]):
+    """Base class of an actor kind. Subclasses set `kind` and `initial` and define handlers."""
+
+    kind: ClassVar[str]
+    initial: ClassVar[Any]
+    snapshot_every: ClassVar[int] = 0
+    idle_after_s: ClassVar[float] = 300.0
+    max_deliveries: ClassVar[int] = 5
+
+    _commands: ClassVar[dict[type, CommandHandler]]
+    _appliers: ClassVar[dict[type, Applier]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        commands: dict[type, CommandHandler] = {}
+        appliers: dict[type, Applier] = {}
+        for klass in reversed(cls.__mro__):
+            for function in vars(klass).values():
+                role = getattr(function, _ROLE, None)
+                if role == "command":
+                    commands[_message_type(cls, function, 2)] = function
+                elif role == "applier":
+                    appliers[_message_type(cls, function, 2)] = function
+        cls._commands = commands
+        cls._appliers = appliers
+
+    @classmethod
+    def command_types(cls) -> tuple[type, ...]:
+        return tuple(cls._commands)
+
+    @classmethod
+    def event_types(cls) -> tuple[type, ...]:
+        return tuple(cls._appliers)
+
+    def handles(self, message: msgspec.Struct) -> bool:
+        return type(message) in self._commands
+
+    async def handle(self, state: S, message: msgspec.Struct, ctx: Context) -> list[msgspec.Struct]:
+        """Run the command handler of `message`; returns the events it decided."""
+        handler = self._commands.get(type(message))
+        if handler is None:
+            raise ActorDefinitionError(
+                f"{type(self).__name__} has no command handler for {type(message).__name__}"
+            )
+        result = handler(self, state, message, ctx)
+        if inspect.isawaitable(result):
+            result = await result
+        return _as_events(result)
+
+    def apply(self, state: S, event: msgspec.Struct) -> S:
+        applier_function = self._appliers.get(type(event))
+        if applier_function is None:
+            raise ActorDefinitionError(
+                f"{type(self).__name__} has no applier for {type(event).__name__}"
+            )
+        new_state: S = applier_function(self, state, event)
+        return new_state
+
+    def fold(self, state: S, events: Iterable[msgspec.Struct]) -> S:
+        for event in events:
+            state = self.apply(state, event)
+        return state
+
+
+def _as_events(result: HandlerResult) -> list[msgspec.Struct]:
+    if result is None:
+        return []
+    if isinstance(result, msgspec.Struct):
+        return [result]
+    return list(result)

@@ -1,0 +1,1 @@
+"""The node: CLI, processes, and everything that runs actors."""

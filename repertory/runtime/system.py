@@ -1,0 +1,206 @@
+"""An actor system: the kinds of an application, where they live, and the client API
+(`send`, `ask`, `state_of`) that any process uses to talk to them."""
+
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import msgspec
+
+from repertory.actors.model import Actor, Rejected
+from repertory.schemas import Codec
+from repertory.schemas.errors import RepertoryError
+from repertory.streams.client import RedisClient, create_client
+from repertory.streams.eventstore import EventStore
+from repertory.streams.keys import Address, KeyLayout
+from repertory.streams.partition import Partition
+
+REPLY_TTL_MS = 60_000
+
+
+class AskTimeoutError(RepertoryError, TimeoutError):
+    """No answer arrived within the `ask` timeout (the message may still be handled later)."""
+
+
+class UnknownKindError(RepertoryError, LookupError):
+    """A message for an actor kind this system does not host."""
+
+
+class AskReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a node sends back to an `ask` caller after committing (or rejecting) the message.
+
+    Events and the reply are encoded event records, in whatever format the system's codec
+    writes, carried as bytes so that this MessagePack reply can hold either format."""
+
+    message_id: str
+    version: int
+    events: list[bytes] = []
+    reply: bytes | None = None
+    rejected: str | None = None
+    code: str | None = None
+
+
+class Answer(msgspec.Struct, frozen=True):
+    """An `ask` result: the actor's version after the message, its events, and the handler's
+    explicit reply if it gave one."""
+
+    version: int
+    events: list[msgspec.Struct]
+    reply: msgspec.Struct | None
+
+
+class ActorView(msgspec.Struct, frozen=True):
+    version: int
+    state: Any
+
+
+class ActorSystem:
+    """The actor kinds of one application namespace.
+
+    With no `url`, an embedded valkey-server is started (or reused) in `data_dir`.
+    """
+
+    def __init__(
+        self,
+        *actors: Actor[Any],
+        url: str | None = None,
+        app: str = "rep",
+        partitions: int = 16,
+        data_dir: str | Path = ".repertory",
+        codec: Codec | None = None,
+        client: RedisClient | None = None,
+    ) -> None:
+        self.actors: dict[str, Actor[Any]] = {}
+        for actor in actors:
+            if actor.kind in self.actors:
+                raise RepertoryError(f"two actors registered for kind {actor.kind!r}")
+            self.actors[actor.kind] = actor
+        self.url = url
+        self.keys = KeyLayout(app, partitions=partitions)
+        self.data_dir = Path(data_dir)
+        self.codec = codec or Codec()
+        self._client = client
+        self._owns_client = client is None
+
+    @property
+    def client(self) -> RedisClient:
+        if self._client is None:
+            raise RepertoryError("the actor system is not connected: use `async with system`")
+        return self._client
+
+    @property
+    def store(self) -> EventStore:
+        return EventStore(self.client, keys=self.keys, codec=self.codec)
+
+    async def connect(self) -> Self:
+        if self._client is None:
+            url = self.url
+            if url is None:
+                from repertory.streams.embedded import EmbeddedServer
+
+                server = EmbeddedServer(self.data_dir)
+                await anyio.to_thread.run_sync(server.start)
+                url = server.url
+            self._client = create_client(url)
+        return self
+
+    async def close(self) -> None:
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+            self._client = None
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def actor_of(self, address: Address) -> Actor[Any]:
+        actor = self.actors.get(address.kind)
+        if actor is None:
+            raise UnknownKindError(f"no actor kind {address.kind!r} in this system")
+        return actor
+
+    def partition(self, kind: str, number: int) -> Partition:
+        return Partition(self.client, self.keys, kind, number)
+
+    async def send(
+        self,
+        target: Address | str,
+        message: msgspec.Struct,
+        *,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
+        reply_to: str | None = None,
+    ) -> str:
+        """Queue `message` for `target`; returns its message id once it is durably queued.
+
+        Sends that share an `idempotency_key` take effect once, however often they are sent.
+        """
+        address = Address.parse(target) if isinstance(target, str) else target
+        self.actor_of(address)
+        envelope = self.codec.envelope(
+            str(address),
+            message,
+            idempotency_key=idempotency_key,
+            correlation_id=correlation_id,
+            traceparent=traceparent,
+            reply_to=reply_to,
+        )
+        await self.client.xadd(self.keys.inbox_of(address), {b"m": self.codec.encode(envelope)})
+        return envelope.id
+
+    async def ask(
+        self, target: Address | str, message: msgspec.Struct, *, timeout: float = 5.0
+    ) -> Answer:
+        """Send `message` and wait for the actor's answer. Raises Rejected if the handler
+        refused it and AskTimeoutError if no answer came in time."""
+        reply_key = f"{{{self.keys.app}:reply:{uuid.uuid4()}}}"
+        await self.send(target, message, reply_to=reply_key)
+        data = await self._await_reply(reply_key, timeout)
+        reply = msgspec.msgpack.decode(data, type=AskReply)
+        if reply.rejected is not None:
+            raise Rejected(reply.rejected, code=reply.code or "rejected")
+        codec = self.codec
+        return Answer(
+            reply.version,
+            [codec.event_of(codec.decode_event(record)) for record in reply.events],
+            None if reply.reply is None else codec.event_of(codec.decode_event(reply.reply)),
+        )
+
+    async def _await_reply(self, reply_key: str, timeout: float) -> bytes:
+        # Block in short slices: a blocking read must stay under the client's socket timeout.
+        with anyio.move_on_after(timeout):
+            while True:
+                response = await self.client.xread({reply_key: b"0"}, count=1, block=1000)
+                if response:
+                    await self.client.delete(reply_key)
+                    data: bytes = response[0][1][0][1][b"m"]
+                    return data
+        raise AskTimeoutError(f"no answer within {timeout} s (reply stream {reply_key})")
+
+    async def state_of(self, target: Address | str) -> ActorView:
+        """The actor's state rebuilt read-only from its snapshot and events."""
+        address = Address.parse(target) if isinstance(target, str) else target
+        return await rebuild(self.store, self.actor_of(address), address)
+
+
+async def rebuild(store: EventStore, actor: Actor[Any], address: Address) -> ActorView:
+    """Fold the actor's events onto its latest snapshot (or its initial state)."""
+    state = actor.initial
+    version = 0
+    snapshot = await store.load_snapshot(address)
+    if snapshot is not None:
+        state, version = snapshot.state, snapshot.version
+    async for stored in store.read(address, start=version + 1):
+        state = actor.apply(state, stored.event)
+        version = stored.version
+    return ActorView(version, state)

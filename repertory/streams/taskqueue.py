@@ -1,0 +1,152 @@
+"""A task queue: stateless workers compete for tasks in one consumer group (R5).
+
+Tasks are envelopes on `{app:queue:name}:tasks`; every task ends as exactly one entry on
+`:results` (success, or failure after its last attempt, then also on `:dead`). A worker's claim
+lasts a visibility timeout that a long task extends by heartbeating; a dead worker's tasks are
+taken over once their claim has lapsed.
+"""
+
+import msgspec
+
+from repertory.schemas import Codec, Envelope
+from repertory.schemas.records import now_ms
+from repertory.streams.client import RedisClient
+from repertory.streams.inbox import Inbox, InboxEntry
+from repertory.streams.keys import KeyLayout
+from repertory.streams.scripts import SETTLE
+
+WORKERS_GROUP = "workers"
+
+
+class TaskResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The outcome of one task. `value` is the handler's return value encoded by the queue's
+    codec (type and schema version beside it); `error` says why a failed task failed."""
+
+    task_id: str
+    task_type: str
+    ok: bool
+    worker: str
+    attempts: int
+    finished_at: int
+    value_type: str | None = None
+    value_version: int | None = None
+    value: bytes | None = None
+    error: str | None = None
+
+
+class TaskQueue:
+    def __init__(
+        self,
+        client: RedisClient,
+        name: str,
+        *,
+        keys: KeyLayout | None = None,
+        codec: Codec | None = None,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.codec = codec or Codec()
+        tag = (keys or KeyLayout()).queue(name)
+        self.tasks_key = f"{tag}:tasks"
+        self.results_key = f"{tag}:results"
+        self.dead_key = f"{tag}:dead"
+        self.inbox = Inbox(client, self.tasks_key, WORKERS_GROUP)
+        self._result_decoder = msgspec.msgpack.Decoder(TaskResult)
+
+    async def ensure(self) -> None:
+        await self.inbox.ensure_group()
+
+    async def enqueue(self, task: msgspec.Struct, *, task_id: str | None = None) -> str:
+        """Queue a task; returns its id."""
+        envelope = self.codec.envelope(f"queue/{self.name}", task, message_id=task_id)
+        await self.inbox.add(self.codec.encode(envelope))
+        return envelope.id
+
+    def decode(self, entry: InboxEntry) -> tuple[Envelope, msgspec.Struct]:
+        """The task's envelope and payload (raises DecodeError for bad input)."""
+        envelope = self.codec.decode_envelope(entry.data or b"")
+        return envelope, self.codec.message_of(envelope)
+
+    async def complete(
+        self, worker: str, entry: InboxEntry, envelope: Envelope, value: msgspec.Struct | None
+    ) -> bool:
+        """Record the task's result and ack it, once. False if another worker settled it."""
+        value_type = value_version = encoded = None
+        if value is not None:
+            info, raw = self.codec.payload(value)
+            value_type, value_version, encoded = info.name, info.version, bytes(raw)
+        result = TaskResult(
+            task_id=envelope.id,
+            task_type=envelope.type,
+            ok=True,
+            worker=worker,
+            attempts=envelope.attempt + 1,
+            finished_at=now_ms(),
+            value_type=value_type,
+            value_version=value_version,
+            value=encoded,
+        )
+        return await self._settle(entry, [(self.results_key, msgspec.msgpack.encode(result))])
+
+    async def fail(
+        self,
+        worker: str,
+        entry: InboxEntry,
+        envelope: Envelope | None,
+        error: str,
+        *,
+        max_attempts: int,
+    ) -> bool:
+        """A failed attempt: queue the task again while attempts remain, else dead-letter it
+        and record the failure as its result. False if another worker settled it."""
+        attempts = 1 if envelope is None else envelope.attempt + 1
+        if envelope is not None and attempts < max_attempts:
+            retry = msgspec.structs.replace(envelope, attempt=attempts)
+            return await self._settle(entry, [(self.tasks_key, self.codec.encode(retry))])
+        result = TaskResult(
+            task_id=envelope.id if envelope else entry.id.decode(),
+            task_type=envelope.type if envelope else "",
+            ok=False,
+            worker=worker,
+            attempts=attempts,
+            finished_at=now_ms(),
+            error=error,
+        )
+        return await self._settle(
+            entry,
+            [
+                (self.dead_key, entry.data or b""),
+                (self.results_key, msgspec.msgpack.encode(result)),
+            ],
+        )
+
+    async def _settle(self, entry: InboxEntry, appends: list[tuple[str, bytes]]) -> bool:
+        keys = [self.tasks_key, *(key for key, _ in appends)]
+        args = [WORKERS_GROUP, entry.id, *(message for _, message in appends)]
+        return bool(await SETTLE(self.client, keys, args))
+
+    async def results(
+        self, *, after: bytes | str = b"0", count: int = 1000
+    ) -> list[tuple[bytes, TaskResult]]:
+        """Results after the stream id `after` (exclusive), oldest first."""
+        lower = (
+            "-"
+            if after in (b"0", "0")
+            else f"({after.decode() if isinstance(after, bytes) else after}"
+        )
+        entries = await self.client.xrange(self.results_key, lower, "+", count=count)
+        return [
+            (entry_id, self._result_decoder.decode(fields[b"m"])) for entry_id, fields in entries
+        ]
+
+    def value_of(self, result: TaskResult) -> msgspec.Struct | None:
+        if result.value is None or result.value_type is None or result.value_version is None:
+            return None
+        return self.codec.decode_payload(result.value_type, result.value_version, result.value)
+
+    async def pending_count(self) -> int:
+        return (await self.inbox.pending()).count
+
+    async def unsettled(self) -> int:
+        """Tasks queued or in progress: settled tasks are deleted from the stream."""
+        return int(await self.client.xlen(self.tasks_key))

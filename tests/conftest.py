@@ -1,0 +1,58 @@
+"""Fixtures shared by the tests: one real embedded valkey-server per session, a fresh fakeredis
+per test, and `redis`, which runs a test on both (ids "fake" and "real")."""
+
+from collections.abc import AsyncIterator, Iterator
+
+import fakeredis
+import pytest
+
+from repertory.streams.client import RedisClient, create_client
+from repertory.streams.embedded import EmbeddedServer
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """The session's server. Tests that kill or restart a server start their own instead."""
+    # A long temp path still works: EmbeddedServer then moves the socket under the temp folder.
+    server = EmbeddedServer(tmp_path_factory.mktemp("valkey"), appendfsync="always")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded_server: EmbeddedServer) -> str:
+    return embedded_server.url
+
+
+@pytest.fixture
+async def real_redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    client = create_client(redis_url)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def fake_redis() -> AsyncIterator[RedisClient]:
+    client: RedisClient = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.integration)])
+def redis(request: pytest.FixtureRequest) -> RedisClient:
+    # Resolved by name at setup, so a "fake" test never starts the embedded server.
+    client: RedisClient = request.getfixturevalue(f"{request.param}_redis")
+    return client

@@ -1,0 +1,315 @@
+"""The client factory: URL forms, TLS and cluster options (built without connecting), bad
+configurations, ACL authentication, pooling, and reconnecting across a server crash."""
+
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio
+import redis.asyncio.cluster
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import AuthenticationError
+
+from repertory.schemas.errors import RepertoryError
+from repertory.streams.client import (
+    ClientConfig,
+    ClientConfigError,
+    FullJitterBackoff,
+    RedisClient,
+    create_client,
+)
+from repertory.streams.embedded import EmbeddedServer
+
+
+def standalone(client: RedisClient) -> redis.asyncio.Redis:
+    assert isinstance(client, redis.asyncio.Redis)
+    return client
+
+
+def cluster(client: RedisClient) -> redis.asyncio.cluster.RedisCluster:
+    assert isinstance(client, redis.asyncio.cluster.RedisCluster)
+    return client
+
+
+def pool_options(client: RedisClient) -> dict[str, Any]:
+    options: dict[str, Any] = standalone(client).connection_pool.connection_kwargs
+    return options
+
+
+@pytest.mark.parametrize(
+    ("url", "connection_class", "expected"),
+    [
+        ("redis://cache.local:6380/2", Connection, {"host": "cache.local", "port": 6380, "db": 2}),
+        ("redis://cache.local", Connection, {"host": "cache.local"}),
+        ("rediss://cache.local:6380", SSLConnection, {"host": "cache.local", "port": 6380}),
+        (
+            "unix:///run/valkey/valkey.sock",
+            UnixDomainSocketConnection,
+            {"path": "/run/valkey/valkey.sock"},
+        ),
+        ("redis://cache.local?cluster=false", Connection, {"host": "cache.local"}),
+        ("redis://cache.local?socket_timeout=3", Connection, {"socket_timeout": 3.0}),
+    ],
+)
+def test_standalone_url_forms(
+    url: str, connection_class: type[Connection], expected: dict[str, Any]
+) -> None:
+    client = standalone(create_client(url))
+    assert client.connection_pool.connection_class is connection_class
+    options = pool_options(client)
+    assert options.items() >= expected.items()
+    assert options["decode_responses"] is False
+
+
+@pytest.mark.parametrize(
+    ("config", "tls"),
+    [
+        (ClientConfig(url="redis+cluster://node-1.local:7000"), False),
+        (ClientConfig(url="rediss+cluster://node-1.local:7000"), True),
+        (ClientConfig(url="redis://node-1.local:7000?cluster=true"), False),
+        (ClientConfig(url="REDIS+CLUSTER://node-1.local:7000"), False),
+        (ClientConfig(url="redis://node-1.local:7000", cluster=True), False),
+    ],
+)
+def test_cluster_url_forms(config: ClientConfig, tls: bool) -> None:
+    assert config.uses_cluster
+    client = cluster(create_client(config))
+    startup = client.nodes_manager.startup_nodes.values()
+    assert [(node.host, node.port) for node in startup] == [("node-1.local", 7000)]
+    options = client.nodes_manager.connection_kwargs
+    assert (options.get("connection_class") is SSLConnection) is tls
+    assert options["decode_responses"] is False
+
+
+def test_the_cluster_flag_overrides_the_url() -> None:
+    config = ClientConfig(url="redis+cluster://node-1.local:7000", cluster=False)
+    assert not config.uses_cluster
+    assert isinstance(create_client(config), redis.asyncio.Redis)
+
+
+def test_defaults() -> None:
+    config = ClientConfig(url="redis://cache.local")
+    options = pool_options(create_client(config))
+    assert options["socket_timeout"] == config.socket_timeout == 10.0
+    assert options["socket_connect_timeout"] == config.connect_timeout
+    assert options["health_check_interval"] == config.health_check_interval
+    retry = options["retry"]
+    assert retry.get_retries() == config.retries == 10
+    assert isinstance(retry._backoff, FullJitterBackoff)
+    pool = standalone(create_client(config)).connection_pool
+    assert isinstance(pool, redis.asyncio.BlockingConnectionPool)
+    assert pool.max_connections == config.max_connections
+
+
+def test_tls_options() -> None:
+    config = ClientConfig(
+        url="rediss://cache.local:6380",
+        tls_ca_file="/etc/ssl/ca.pem",
+        tls_cert_file="/etc/ssl/client.pem",
+        tls_key_file="/etc/ssl/client.key",
+    )
+    options = pool_options(create_client(config))
+    assert options["ssl_ca_certs"] == "/etc/ssl/ca.pem"
+    assert options["ssl_certfile"] == "/etc/ssl/client.pem"
+    assert options["ssl_keyfile"] == "/etc/ssl/client.key"
+    assert options["ssl_cert_reqs"] == "required"
+    assert options["ssl_check_hostname"] is True
+
+    unverified = ClientConfig(url="rediss+cluster://node-1.local:7000", tls_verify=False)
+    cluster_options = cluster(create_client(unverified)).nodes_manager.connection_kwargs
+    assert cluster_options["ssl_cert_reqs"] == "none"
+    assert cluster_options["ssl_check_hostname"] is False
+
+
+def test_credentials_from_the_url_and_from_the_config() -> None:
+    options = pool_options(create_client("redis://alice:p%40ss%2Fword@cache.local:6380"))
+    assert (options["username"], options["password"]) == ("alice", "p@ss/word")
+    assert options["host"] == "cache.local"
+
+    config = ClientConfig(url="redis://alice:old@cache.local", username="bob", password="new")
+    options = pool_options(create_client(config))
+    assert (options["username"], options["password"]) == ("bob", "new")
+
+    config = ClientConfig(url="redis://alice:old@cache.local", password="new")
+    options = pool_options(create_client(config))
+    assert (options["username"], options["password"]) == ("alice", "new")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ClientConfig(url="http://cache.local"),
+        ClientConfig(url="cache.local:6379"),
+        ClientConfig(url="redis://cache.local:notaport"),
+        ClientConfig(url="redis://cache.local:0"),
+        ClientConfig(url="redis://"),
+        ClientConfig(url="unix://"),
+        ClientConfig(url="redis+cluster://node-1.local:7000/3"),
+        ClientConfig(url="unix:///run/valkey.sock?cluster=true"),
+        ClientConfig(url="unix:///run/valkey.sock", cluster=True),
+        ClientConfig(url="redis://cache.local?cluster=maybe"),
+        ClientConfig(url="redis://cache.local?bogus=1"),
+        ClientConfig(url="redis://cache.local?db=first"),
+        ClientConfig(url="redis://cache.local", tls_ca_file="/etc/ssl/ca.pem"),
+    ],
+    ids=lambda config: config.url + (" cluster" if config.cluster else ""),
+)
+def test_bad_urls_are_rejected_clearly(config: ClientConfig) -> None:
+    with pytest.raises(ClientConfigError) as caught:
+        create_client(config)
+    assert isinstance(caught.value, RepertoryError)
+    assert str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"retries": -1},
+        {"max_connections": 0},
+        {"backoff_base": 0.0},
+        {"backoff_base": 3.0, "backoff_cap": 2.0},
+        {"socket_timeout": 0.0},
+        {"connect_timeout": -1.0},
+        {"pool_timeout": 0.0},
+        {"health_check_interval": -1.0},
+        {"tls_key_file": "/etc/ssl/client.key"},
+    ],
+    ids=repr,
+)
+def test_bad_settings_are_rejected_clearly(settings: dict[str, Any]) -> None:
+    with pytest.raises(ClientConfigError):
+        ClientConfig(url="redis://cache.local", **settings)
+
+
+def test_full_jitter_backoff_stays_within_its_bounds() -> None:
+    random.seed(7)
+    backoff = FullJitterBackoff(base=0.05, cap=2.0)
+    for failures in range(1, 12):
+        ceiling = min(2.0, 0.05 * 2**failures)
+        delays = [backoff.compute(failures) for _ in range(50)]
+        assert all(0.0 <= delay <= ceiling for delay in delays)
+        assert len(set(delays)) > 1  # jittered, not a fixed schedule
+    assert backoff.compute(10_000) <= 2.0  # no overflow for huge failure counts
+
+
+# --- against the real embedded server --------------------------------------------------------
+
+
+@pytest.fixture
+async def acl_user(real_redis: RedisClient) -> AsyncIterator[tuple[str, str]]:
+    """A user with a password and full rights on the session server, deleted afterwards."""
+    name, password = f"user-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await real_redis.execute_command("ACL", "SETUSER", name, "on", f">{password}", "~*", "+@all")
+    try:
+        yield name, password
+    finally:
+        await real_redis.execute_command("ACL", "DELUSER", name)
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_acl_user_and_password(redis_url: str, acl_user: tuple[str, str]) -> None:
+    name, password = acl_user
+    client = create_client(ClientConfig(url=redis_url, username=name, password=password))
+    try:
+        assert await client.execute_command("ACL", "WHOAMI") == name.encode()
+        await client.set(b"written-by-acl-user", b"yes")
+    finally:
+        await client.aclose()
+
+    socket_path = redis_url.removeprefix("unix://")
+    in_url = create_client(f"unix://{name}:{password}@{socket_path}")
+    try:
+        assert await in_url.execute_command("ACL", "WHOAMI") == name.encode()
+    finally:
+        await in_url.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_a_wrong_password_is_an_authentication_error(
+    redis_url: str, acl_user: tuple[str, str]
+) -> None:
+    name, _ = acl_user
+    client = create_client(ClientConfig(url=redis_url, username=name, password="wrong"))
+    try:
+        # Not retried: the error comes at once (well inside this bound), as itself.
+        with anyio.fail_after(5), pytest.raises(AuthenticationError):
+            await client.ping()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_the_pool_bounds_connections_and_waits_for_a_free_one(redis_url: str) -> None:
+    name = f"pool-{uuid.uuid4().hex[:8]}"
+    client = create_client(ClientConfig(url=redis_url, max_connections=2, client_name=name))
+    observer = create_client(redis_url)
+    try:
+        replies: list[bytes] = []
+
+        async def read_one(index: int) -> None:
+            await client.set(f"pool:{index}".encode(), index)
+            reply = await client.get(f"pool:{index}".encode())
+            assert isinstance(reply, bytes)
+            replies.append(reply)
+
+        async with anyio.create_task_group() as group:
+            for index in range(20):
+                group.start_soon(read_one, index)
+        assert sorted(replies) == sorted(str(index).encode() for index in range(20))
+        connections = await observer.client_list()
+        assert 1 <= sum(1 for entry in connections if entry["name"] == name) <= 2
+    finally:
+        await client.aclose()
+        await observer.aclose()
+
+
+async def append(client: RedisClient, value: bytes) -> bytes:
+    entry_id = await client.xadd(b"log", {b"n": value})
+    assert isinstance(entry_id, bytes)
+    return entry_id
+
+
+@pytest.fixture
+def crash_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server of its own (never the session one): the test kills it."""
+    server = EmbeddedServer(tmp_path / "data", appendfsync="always")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_the_client_rides_out_a_crash_and_loses_no_acknowledged_entry(
+    crash_server: EmbeddedServer,
+) -> None:
+    client = create_client(crash_server.url)
+    try:
+        acknowledged = [await append(client, str(n).encode()) for n in range(100)]
+        await client.set(b"before", b"crash")
+
+        crash_server.kill()
+        issued_while_down: list[bytes] = []
+
+        async def append_while_down() -> None:
+            issued_while_down.append(await append(client, b"while-down"))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(append_while_down)
+            # The append above is retrying against a dead server while this restarts it.
+            assert await anyio.to_thread.run_sync(crash_server.start) is True
+
+        # The same client object, no reconnect by hand.
+        assert await client.get(b"before") == b"crash"
+        entries = [entry_id for entry_id, _ in await client.xrange(b"log") or []]
+        assert entries == [*acknowledged, *issued_while_down]
+        assert await client.xlen(b"log") == len(acknowledged) + 1
+    finally:
+        await client.aclose()

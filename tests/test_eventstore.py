@@ -1,0 +1,146 @@
+"""The event store on fakeredis and on the real embedded server."""
+
+import uuid
+
+import msgspec
+import pytest
+
+from repertory.schemas import Codec, Format, schema
+from repertory.streams.client import RedisClient
+from repertory.streams.eventstore import ConflictError, EventStore
+from repertory.streams.keys import Address, KeyLayout
+
+pytestmark = pytest.mark.anyio
+
+
+@schema("test.store.noted")
+class Noted(msgspec.Struct, frozen=True):
+    text: str
+    n: int = 0
+
+
+@schema("test.store.tally")
+class Tally(msgspec.Struct, frozen=True):
+    total: int
+
+
+def actor() -> Address:
+    return Address("note", str(uuid.uuid4()))
+
+
+async def test_append_then_read_gives_the_events_in_order(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    assert await store.version(address) == 0
+    assert await store.append(address, [Noted("a"), Noted("b")], expected_version=0) == 2
+    assert await store.append(address, [Noted("c", n=3)], expected_version=2) == 3
+    read = [stored async for stored in store.read(address)]
+    assert [s.version for s in read] == [1, 2, 3]
+    assert [s.event for s in read] == [Noted("a"), Noted("b"), Noted("c", n=3)]
+    assert {s.record.type for s in read} == {"test.store.noted"}
+    assert await store.version(address) == 3
+
+
+async def test_stale_expected_version_conflicts_and_writes_nothing(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    await store.append(address, [Noted("a")], expected_version=0)
+    with pytest.raises(ConflictError) as raised:
+        await store.append(address, [Noted("b"), Noted("c")], expected_version=0)
+    assert (raised.value.expected, raised.value.actual) == (0, 1)
+    assert raised.value.address == address
+    with pytest.raises(ConflictError) as ahead:
+        await store.append(address, [Noted("d")], expected_version=5)
+    assert (ahead.value.expected, ahead.value.actual) == (5, 1)
+    assert [s.event async for s in store.read(address)] == [Noted("a")]
+
+
+async def test_no_expected_version_appends_at_the_end(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    await store.append(address, [Noted("a")], expected_version=None)
+    assert await store.append(address, [Noted("b")], expected_version=None) == 2
+
+
+async def test_metadata_travels_with_each_event(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await store.append(
+        address,
+        [Noted("a")],
+        expected_version=0,
+        causation_id="msg-1",
+        correlation_id="corr-1",
+        traceparent=traceparent,
+    )
+    (stored,) = [s async for s in store.read(address)]
+    assert stored.record.causation_id == "msg-1"
+    assert stored.record.correlation_id == "corr-1"
+    assert stored.record.traceparent == traceparent
+    assert stored.record.recorded_at > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3, 1000])
+async def test_read_ranges_stream_in_batches(redis: RedisClient, batch: int) -> None:
+    store = EventStore(redis, read_batch=batch)
+    address = actor()
+    await store.append(address, [Noted(str(i), n=i) for i in range(1, 11)], expected_version=0)
+    assert [s.version async for s in store.read(address)] == list(range(1, 11))
+    assert [s.event.n async for s in store.read(address, start=4, stop=7)] == [4, 5, 6, 7]  # type: ignore[attr-defined]
+    assert [s.version async for s in store.read(address, start=10)] == [10]
+    assert [s.version async for s in store.read(address, start=11)] == []
+    versions = [v async for v, _ in store.read_records(address, start=0, stop=2)]
+    assert versions == [1, 2]
+
+
+async def test_json_streams_are_readable_by_a_msgpack_store(redis: RedisClient) -> None:
+    address = actor()
+    await EventStore(redis, codec=Codec(format=Format.JSON)).append(
+        address, [Noted("json")], expected_version=0
+    )
+    await EventStore(redis).append(address, [Noted("msgpack")], expected_version=1)
+    raw = await redis.xrange(KeyLayout().events(address))
+    assert raw[0][1][b"e"].startswith(b"{")
+    assert [s.event async for s in EventStore(redis).read(address)] == [
+        Noted("json"),
+        Noted("msgpack"),
+    ]
+
+
+async def test_event_stream_ids_are_versions(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    await store.append(address, [Noted("a"), Noted("b")], expected_version=0)
+    ids = [entry_id for entry_id, _ in await redis.xrange(store.keys.events(address))]
+    assert ids == [b"1-0", b"2-0"]
+
+
+async def test_snapshots_save_load_delete(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    assert await store.load_snapshot(address) is None
+    await store.save_snapshot(address, Tally(total=7), version=4)
+    snapshot = await store.load_snapshot(address)
+    assert snapshot is not None
+    assert (snapshot.version, snapshot.state) == (4, Tally(total=7))
+    await store.save_snapshot(address, Tally(total=9), version=6)
+    newer = await store.load_snapshot(address)
+    assert newer is not None
+    assert (newer.version, newer.state) == (6, Tally(total=9))
+    assert await store.delete_snapshot(address) is True
+    assert await store.delete_snapshot(address) is False
+    assert await store.load_snapshot(address) is None
+
+
+async def test_script_is_reloaded_after_the_server_forgets_it(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    await store.append(address, [Noted("a")], expected_version=0)
+    await redis.script_flush()
+    assert await store.append(address, [Noted("b")], expected_version=1) == 2
+
+
+async def test_negative_expected_version_is_refused(redis: RedisClient) -> None:
+    with pytest.raises(ValueError, match="expected_version"):
+        await EventStore(redis).append(actor(), [Noted("a")], expected_version=-1)

@@ -1,0 +1,235 @@
+"""One node running real actors: handling, replies, order, dedupe, timers, relay, snapshots,
+poison messages, graceful stop. On fakeredis and on the real embedded server."""
+
+from collections.abc import AsyncIterator
+from functools import partial
+
+import anyio
+import msgspec
+import pytest
+
+from repertory.actors.model import Actor, Context, Rejected, applier, command
+from repertory.runtime.node import Node, NodeConfig
+from repertory.runtime.system import ActorSystem
+from repertory.schemas import schema
+from repertory.streams.client import RedisClient
+from repertory.streams.keys import Address
+from tests.support import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+@schema("test.node.deposit")
+class Deposit(msgspec.Struct, frozen=True):
+    amount: int
+
+
+@schema("test.node.transfer")
+class Transfer(msgspec.Struct, frozen=True):
+    to: str
+    amount: int
+
+
+@schema("test.node.remind")
+class Remind(msgspec.Struct, frozen=True):
+    after_s: float
+    amount: int
+
+
+@schema("test.node.explode")
+class Explode(msgspec.Struct, frozen=True):
+    pass
+
+
+@schema("test.node.deposited")
+class Deposited(msgspec.Struct, frozen=True):
+    amount: int
+
+
+@schema("test.node.balance")
+class Balance(msgspec.Struct, frozen=True):
+    total: int = 0
+    deposits: list[int] = []
+
+
+class Account(Actor[Balance]):
+    kind = "account"
+    initial = Balance()
+    snapshot_every = 3
+
+    @command
+    def deposit(self, state: Balance, cmd: Deposit, ctx: Context) -> Deposited:
+        if cmd.amount <= 0:
+            raise Rejected("amount must be positive", code="invalid-amount")
+        return Deposited(cmd.amount)
+
+    @command
+    def transfer(self, state: Balance, cmd: Transfer, ctx: Context) -> Deposited:
+        ctx.send(Address("account", cmd.to), Deposit(cmd.amount))
+        return Deposited(-cmd.amount)
+
+    @command
+    def remind(self, state: Balance, cmd: Remind, ctx: Context) -> None:
+        ctx.schedule(cmd.after_s, Deposit(cmd.amount))
+
+    @command
+    def explode(self, state: Balance, cmd: Explode, ctx: Context) -> None:
+        raise RuntimeError("this handler always fails")
+
+    @applier
+    def deposited(self, state: Balance, event: Deposited) -> Balance:
+        return Balance(state.total + event.amount, [*state.deposits, event.amount])
+
+
+FAST = NodeConfig(block_ms=50, retry_base_s=0.01, retry_cap_s=0.05, lease_ttl_ms=2000)
+
+
+@pytest.fixture
+async def system(redis: RedisClient) -> AsyncIterator[ActorSystem]:
+    async with ActorSystem(Account(), partitions=4, client=redis) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def node(system: ActorSystem) -> AsyncIterator[Node]:
+    running = Node(system, FAST)
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+        yield running
+        running.stop()
+
+
+async def total_is(system: ActorSystem, actor: str, total: int) -> bool:
+    return bool((await system.state_of(actor)).state.total == total)
+
+
+async def test_sent_messages_are_handled_and_committed(system: ActorSystem, node: Node) -> None:
+    await system.send("account/a", Deposit(5))
+    await system.send("account/a", Deposit(7))
+    await eventually(lambda: total_is(system, "account/a", 12))
+    view = await system.state_of("account/a")
+    assert view.version == 2
+    assert view.state.deposits == [5, 7]
+
+
+async def test_ask_returns_the_events_and_rejections_raise(system: ActorSystem, node: Node) -> None:
+    answer = await system.ask("account/b", Deposit(3))
+    assert answer.events == [Deposited(3)]
+    assert answer.version == 1
+    with pytest.raises(Rejected) as refusal:
+        await system.ask("account/b", Deposit(-1))
+    assert refusal.value.code == "invalid-amount"
+    assert (await system.state_of("account/b")).version == 1
+
+
+async def test_messages_from_one_sender_are_handled_in_order(
+    system: ActorSystem, node: Node
+) -> None:
+    for amount in range(1, 101):
+        await system.send("account/ordered", Deposit(amount))
+    await eventually(lambda: total_is(system, "account/ordered", 5050))
+    assert (await system.state_of("account/ordered")).state.deposits == list(range(1, 101))
+
+
+async def test_a_duplicate_send_has_no_second_effect(system: ActorSystem, node: Node) -> None:
+    for _ in range(3):
+        await system.send("account/d", Deposit(10), idempotency_key="pay-42")
+    await system.send("account/d", Deposit(1))
+    await eventually(lambda: total_is(system, "account/d", 11))
+    assert (await system.state_of("account/d")).state.deposits == [10, 1]
+
+
+async def test_messages_to_other_partitions_arrive_once(system: ActorSystem, node: Node) -> None:
+    targets = [f"t{i}" for i in range(12)]
+    for target in targets:
+        await system.send("account/source", Transfer(to=target, amount=2))
+    for target in targets:
+        await eventually(partial(total_is, system, f"account/{target}", 2))
+    assert (await system.state_of("account/source")).state.total == -24
+    outboxes = [system.keys.outbox("account", p) for p in range(4)]
+    await eventually(lambda: _all_empty(system, outboxes))
+
+
+async def _all_empty(system: ActorSystem, streams: list[str]) -> bool:
+    return all([await system.client.xlen(stream) == 0 for stream in streams])
+
+
+async def test_timers_fire_after_their_delay(system: ActorSystem, node: Node) -> None:
+    await system.send("account/timer", Remind(after_s=0.2, amount=9))
+    await eventually(lambda: total_is(system, "account/timer", 9))
+
+
+async def test_timers_survive_a_restart(system: ActorSystem) -> None:
+    first = Node(system, FAST)
+    async with anyio.create_task_group() as group:
+        await group.start(first.run)
+        await system.ask("account/late", Remind(after_s=0.5, amount=4))
+        first.stop()
+    assert (await system.state_of("account/late")).state.total == 0
+    second = Node(system, FAST)
+    async with anyio.create_task_group() as group:
+        await group.start(second.run)
+        await eventually(lambda: total_is(system, "account/late", 4))
+        second.stop()
+
+
+async def test_snapshots_speed_up_but_do_not_change_state(system: ActorSystem, node: Node) -> None:
+    for amount in range(1, 8):
+        await system.ask("account/snap", Deposit(amount))
+    snapshot = await system.store.load_snapshot(Address("account", "snap"))
+    assert snapshot is not None
+    assert snapshot.version == 6
+    with_snapshot = await system.state_of("account/snap")
+    await system.store.delete_snapshot(Address("account", "snap"))
+    assert await system.state_of("account/snap") == with_snapshot
+    assert with_snapshot.state.total == 28
+
+
+async def test_poison_messages_are_dead_lettered_and_others_keep_going(
+    system: ActorSystem, node: Node
+) -> None:
+    address = Address("account", "victim")
+    inbox = system.keys.inbox_of(address)
+    await system.client.xadd(inbox, {b"m": b"\xc1 not msgpack"})
+    await system.client.xadd(inbox, {b"other": b"no message field"})
+    await system.send(address, Explode())
+    await system.send(address, Deposit(1))
+    partition = system.partition("account", system.keys.partition_of(address))
+
+    async def three_dead() -> bool:
+        return await partition.dead_letters.count() == 3
+
+    await eventually(lambda: total_is(system, "account/victim", 1))
+    await eventually(three_dead)
+    reasons = sorted(letter.reason for letter in await partition.dead_letters.list())
+    assert reasons == ["handler-error", "malformed", "malformed"]
+    explode = next(d for d in await partition.dead_letters.list() if d.reason == "handler-error")
+    assert "always fails" in explode.detail
+    assert explode.attempts == 5
+    assert (await partition.inbox.pending()).count == 0
+
+
+async def test_unknown_message_types_are_dead_lettered(system: ActorSystem, node: Node) -> None:
+    address = Address("account", "stranger")
+    envelope = system.codec.envelope(str(address), Deposit(1))
+    foreign = msgspec.structs.replace(envelope, type="nobody.knows.this")
+    await system.client.xadd(system.keys.inbox_of(address), {b"m": system.codec.encode(foreign)})
+    partition = system.partition("account", system.keys.partition_of(address))
+
+    async def dead() -> bool:
+        return await partition.dead_letters.count() == 1
+
+    await eventually(dead)
+    (letter,) = await partition.dead_letters.list()
+    assert letter.reason == "unknown-type"
+
+
+async def test_graceful_stop_releases_leases(system: ActorSystem) -> None:
+    running = Node(system, FAST)
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+        await system.ask("account/s", Deposit(1))
+        running.stop()
+        await running.stopped.wait()
+    owners = [await system.partition("account", p).owner() for p in range(4)]
+    assert owners == [None, None, None, None]

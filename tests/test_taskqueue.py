@@ -1,0 +1,125 @@
+"""The task queue and its workers: parallel consumers, retries, dead letters, heartbeats."""
+
+from functools import partial
+
+import anyio
+import msgspec
+import pytest
+
+from repertory.runtime.worker import Worker, WorkerConfig
+from repertory.schemas import schema
+from repertory.streams.client import RedisClient
+from repertory.streams.taskqueue import TaskQueue
+
+pytestmark = pytest.mark.anyio
+
+
+@schema("test.queue.square")
+class Square(msgspec.Struct, frozen=True):
+    n: int
+
+
+@schema("test.queue.squared")
+class Squared(msgspec.Struct, frozen=True):
+    n: int
+    square: int
+
+
+async def square(task: msgspec.Struct) -> Squared:
+    assert isinstance(task, Square)
+    if task.n < 0:
+        raise ValueError(f"negative: {task.n}")
+    return Squared(task.n, task.n * task.n)
+
+
+def config(name: str, **overrides: float) -> WorkerConfig:
+    return WorkerConfig(worker_id=name, block_ms=20, **overrides)  # type: ignore[arg-type]
+
+
+async def test_workers_share_the_queue_and_every_task_gets_one_result(
+    redis: RedisClient,
+) -> None:
+    queue = TaskQueue(redis, "squares")
+    await queue.ensure()
+    ids = [await queue.enqueue(Square(n)) for n in range(30)]
+    workers = [Worker(queue, square, config(f"w{i}")) for i in range(3)]
+    async with anyio.create_task_group() as group:
+        for worker in workers:
+            group.start_soon(partial(worker.run, until_empty=True))
+    results = [result for _, result in await queue.results()]
+    assert sorted(r.task_id for r in results) == sorted(ids)
+    assert all(r.ok for r in results)
+    values = {queue.value_of(r) for r in results}
+    assert values == {Squared(n, n * n) for n in range(30)}
+    assert sum(w.handled for w in workers) == 30
+    assert await queue.unsettled() == 0
+
+
+async def test_failing_tasks_are_retried_then_dead_lettered(redis: RedisClient) -> None:
+    queue = TaskQueue(redis, "failing")
+    await queue.ensure()
+    bad = await queue.enqueue(Square(-1))
+    good = await queue.enqueue(Square(2))
+    await Worker(queue, square, WorkerConfig(worker_id="w", block_ms=20, max_attempts=3)).run(
+        until_empty=True
+    )
+    by_id = {r.task_id: r for _, r in await queue.results()}
+    assert by_id[good].ok
+    assert not by_id[bad].ok
+    assert by_id[bad].attempts == 3
+    assert by_id[bad].error == "ValueError: negative: -1"
+    assert await redis.xlen(queue.dead_key) == 1
+
+
+async def test_undecodable_tasks_are_dead_lettered_at_once(redis: RedisClient) -> None:
+    queue = TaskQueue(redis, "garbage")
+    await queue.ensure()
+    await queue.inbox.add(b"\xc1\xc1")
+    await Worker(queue, square, config("w")).run(until_empty=True)
+    ((_, result),) = await queue.results()
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.startswith("malformed")
+    assert await redis.xlen(queue.dead_key) == 1
+
+
+async def test_a_dead_workers_task_is_taken_over_after_the_visibility_timeout(
+    redis: RedisClient,
+) -> None:
+    queue = TaskQueue(redis, "takeover")
+    await queue.ensure()
+    task_id = await queue.enqueue(Square(4))
+    (taken,) = await queue.inbox.read("crashed-worker", count=1)
+    rescuer = Worker(queue, square, config("rescuer", visibility_timeout_s=0.2))
+    await rescuer.run(until_empty=True)
+    ((_, result),) = await queue.results()
+    assert (result.task_id, result.worker, result.ok) == (task_id, "rescuer", True)
+    assert taken.id
+
+
+async def test_a_long_task_keeps_its_claim_by_heartbeating(redis: RedisClient) -> None:
+    queue = TaskQueue(redis, "long")
+    await queue.ensure()
+    await queue.enqueue(Square(3))
+    started = anyio.Event()
+    release = anyio.Event()
+
+    async def slow(task: msgspec.Struct) -> Squared:
+        started.set()
+        await release.wait()
+        return await square(task)
+
+    visibility = 0.6
+    owner = Worker(queue, slow, config("owner", visibility_timeout_s=visibility))
+    thief = Worker(queue, square, config("thief", visibility_timeout_s=visibility))
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: owner.run(until_empty=True))
+        await started.wait()
+        group.start_soon(lambda: thief.run(until_empty=True))
+        # Let the task run through three visibility timeouts while the thief keeps looking.
+        await anyio.sleep(3 * visibility)
+        assert [row.consumer for row in await queue.inbox.pending_entries()] == ["owner"]
+        release.set()
+    ((_, result),) = await queue.results()
+    assert result.worker == "owner"
+    assert thief.handled == 0
