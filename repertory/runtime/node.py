@@ -237,6 +237,8 @@ class PartitionSession:
                     await self.node.sleep_unless_stopping(self._backoff(failures))
                     continue
                 for entry in entries:
+                    if self.node.stopping:
+                        break
                     await self._dispatch(actors, entry, deliveries=1)
                 if not entries and self.config.block_ms is None:
                     await self.node.sleep_unless_stopping(self.config.poll_s)
@@ -287,7 +289,12 @@ class PartitionSession:
             )
             self.mailboxes[key] = mailbox
             actors.start_soon(self._mailbox_loop, key, receive)
-        await mailbox.send(_Delivery(entry.id, data, deliveries, envelope, error))
+        try:
+            await mailbox.send(_Delivery(entry.id, data, deliveries, envelope, error))
+        except anyio.BrokenResourceError:
+            # The mailbox's task ended: on a graceful stop, or by an error that is tearing the
+            # session down. The entry stays pending in the group for the partition's next owner.
+            return
 
     async def _mailbox_loop(self, key: str, receive: MemoryObjectReceiveStream[_Delivery]) -> None:
         loaded = _Loaded()

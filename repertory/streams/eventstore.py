@@ -110,22 +110,30 @@ class EventStore:
     async def version(self, address: Address) -> int:
         return int(await self.client.xlen(self.keys.events(address)))
 
+    async def _batches(
+        self, address: Address, start: int, stop: int | None
+    ) -> AsyncIterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+        """The stream's entries from version `start` to `stop`, one XRANGE batch at a time."""
+        key = self.keys.events(address)
+        upper = "+" if stop is None else f"{stop}-0"
+        lower = f"{max(start, 1)}-0"
+        while True:
+            entries = await self.client.xrange(key, lower, upper, count=self.read_batch)
+            if entries:
+                yield entries
+            if len(entries) < self.read_batch:
+                return
+            lower = f"({entries[-1][0].decode()}"
+
     async def read_records(
         self, address: Address, start: int = 1, stop: int | None = None
     ) -> AsyncIterator[tuple[int, EventRecord]]:
         """Records with their versions from `start` to `stop` (inclusive), in batches, payloads
         left encoded: for tools that must not fail on a payload today's code cannot read."""
-        key = self.keys.events(address)
         decode = self.codec.decode_event
-        upper = "+" if stop is None else f"{stop}-0"
-        lower = f"{max(start, 1)}-0"
-        while True:
-            entries = await self.client.xrange(key, lower, upper, count=self.read_batch)
+        async for entries in self._batches(address, start, stop):
             for entry_id, fields in entries:
                 yield _version_of(entry_id), decode(fields[EVENT_FIELD])
-            if len(entries) < self.read_batch:
-                return
-            lower = f"({entries[-1][0].decode()}"
 
     async def read(
         self, address: Address, start: int = 1, stop: int | None = None
@@ -135,10 +143,19 @@ class EventStore:
         Streams in batches of `read_batch`, so a long history is never held in memory whole.
         Raises DecodeError at the first event that cannot be decoded.
         """
+        decode_event = self.codec.decode_event
         decode_payload = self.codec.decode_payload
-        async for version, record in self.read_records(address, start, stop):
-            event = decode_payload(record.type, record.schema_version, record.payload)
-            yield StoredEvent(version, record, event)
+        async for entries in self._batches(address, start, stop):
+            # Decoded a batch at a time: the generator suspends once per batch, not per event.
+            for stored in [
+                StoredEvent(
+                    _version_of(entry_id),
+                    record := decode_event(fields[EVENT_FIELD]),
+                    decode_payload(record.type, record.schema_version, record.payload),
+                )
+                for entry_id, fields in entries
+            ]:
+                yield stored
 
     async def save_snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
         record = self.codec.snapshot(state, version)
