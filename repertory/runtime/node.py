@@ -237,8 +237,6 @@ class PartitionSession:
                     await self.node.sleep_unless_stopping(self._backoff(failures))
                     continue
                 for entry in entries:
-                    if self.node.stopping:
-                        break
                     await self._dispatch(actors, entry, deliveries=1)
                 if not entries and self.config.block_ms is None:
                     await self.node.sleep_unless_stopping(self.config.poll_s)
@@ -270,6 +268,8 @@ class PartitionSession:
                 return
 
     async def _dispatch(self, actors: TaskGroup, entry: InboxEntry, *, deliveries: int) -> None:
+        if self.node.stopping:
+            return  # left pending for the partition's next owner
         data = entry.data or b""
         envelope: Envelope | None = None
         error: DecodeError | None = None
