@@ -404,6 +404,56 @@ def test_any_payload_bytes_decode_or_raise_decode_error(
         payload_decodes_or_raises_decode_error(codec, name, version, msgspec.Raw(raw))
 
 
+@st.composite
+def event_batches(draw: st.DrawFn) -> list[bytes]:
+    """Event records as a replay reads them: mostly valid ones in either format, sometimes an
+    old schema version, a mutated record or a document of the wrong shape."""
+
+    def valid(fmt: Format) -> bytes:
+        codec = CODECS[fmt]
+        return codec.encode(codec.event(draw(PAYLOADS)))
+
+    def old_version(fmt: Format) -> bytes:
+        # Also a valid current payload, so only the schema version says it must be upcast.
+        payload = {"session_id": draw(TEXT), "state": "stale", "closed": draw(st.booleans())}
+        encode = msgspec.json.encode if fmt is Format.JSON else msgspec.msgpack.encode
+        record = EventRecord(
+            type="test.schemas.session",
+            schema_version=2,
+            payload=msgspec.Raw(encode(payload)),
+            recorded_at=0,
+        )
+        return CODECS[fmt].encode(record)
+
+    formats = st.sampled_from(list(Format))
+    item = formats.map(valid)
+    odd = st.one_of(formats.map(old_version), record_shaped(), encoded_records().flatmap(mutations))
+    return draw(st.lists(st.one_of(item, item, item, odd), max_size=8))
+
+
+@FUZZ_SETTINGS
+@given(batch=event_batches())
+def test_decoding_a_batch_of_events_equals_decoding_each(batch: list[bytes]) -> None:
+    for codec in CODECS.values():
+        expected = [outcome(codec.decode_event, data) for data in batch]
+        each = [
+            record
+            if isinstance(record, DecodeError)
+            else outcome(
+                lambda r, c=codec: (r, c.decode_payload(r.type, r.schema_version, r.payload)),
+                record,
+            )
+            for record in expected
+        ]
+        first_error = next((item for item in each if isinstance(item, DecodeError)), None)
+        if first_error is None:
+            assert codec.decode_events(batch) == each
+        else:
+            with pytest.raises(DecodeError) as raised:
+                codec.decode_events(batch)
+            assert str(raised.value) == str(first_error)
+
+
 @pytest.mark.parametrize("data", [None, "{}", 42, [1, 2], b"", bytearray(), object()])
 def test_values_that_are_not_bytes_raise_decode_error(data: object) -> None:
     codec = CODECS[Format.MSGPACK]

@@ -95,11 +95,19 @@ class EventStore:
         self, address: Address, records: Sequence[EventRecord], expected_version: int | None
     ) -> int:
         """Append already-built records (imports and migrations keep their original metadata)."""
+        encode = self.codec.encode
+        return await self.append_encoded(
+            address, [encode(record) for record in records], expected_version
+        )
+
+    async def append_encoded(
+        self, address: Address, encoded: Sequence[bytes], expected_version: int | None
+    ) -> int:
+        """Append encoded records byte for byte (an import must store exactly what it read)."""
         if expected_version is not None and expected_version < 0:
             raise ValueError(f"expected_version must be >= 0 or None, got {expected_version}")
-        encode = self.codec.encode
         args: list[Any] = [-1 if expected_version is None else expected_version]
-        args.extend(encode(record) for record in records)
+        args.extend(encoded)
         ok, version = await APPEND(self.client, [self.keys.events(address)], args)
         if not ok:
             raise ConflictError(
@@ -112,18 +120,21 @@ class EventStore:
 
     async def _batches(
         self, address: Address, start: int, stop: int | None
-    ) -> AsyncIterator[list[tuple[bytes, dict[bytes, bytes]]]]:
-        """The stream's entries from version `start` to `stop`, one XRANGE batch at a time."""
+    ) -> AsyncIterator[tuple[tuple[bytes, ...], list[bytes]]]:
+        """The stream's entry ids and encoded records from version `start` to `stop`, one
+        XRANGE batch at a time (an entry without a record gives b"", which fails to decode)."""
         key = self.keys.events(address)
         upper = "+" if stop is None else f"{stop}-0"
         lower = f"{max(start, 1)}-0"
         while True:
             entries = await self.client.xrange(key, lower, upper, count=self.read_batch)
-            if entries:
-                yield entries
+            if not entries:
+                return
+            entry_ids, field_maps = zip(*entries, strict=True)
+            yield entry_ids, [fields.get(EVENT_FIELD, b"") for fields in field_maps]
             if len(entries) < self.read_batch:
                 return
-            lower = f"({entries[-1][0].decode()}"
+            lower = f"({entry_ids[-1].decode()}"
 
     async def read_records(
         self, address: Address, start: int = 1, stop: int | None = None
@@ -131,9 +142,9 @@ class EventStore:
         """Records with their versions from `start` to `stop` (inclusive), in batches, payloads
         left encoded: for tools that must not fail on a payload today's code cannot read."""
         decode = self.codec.decode_event
-        async for entries in self._batches(address, start, stop):
-            for entry_id, fields in entries:
-                yield _version_of(entry_id), decode(fields[EVENT_FIELD])
+        async for entry_ids, records in self._batches(address, start, stop):
+            for entry_id, data in zip(entry_ids, records, strict=True):
+                yield _version_of(entry_id), decode(data)
 
     async def read(
         self, address: Address, start: int = 1, stop: int | None = None
@@ -143,19 +154,18 @@ class EventStore:
         Streams in batches of `read_batch`, so a long history is never held in memory whole.
         Raises DecodeError at the first event that cannot be decoded.
         """
-        decode_event = self.codec.decode_event
-        decode_payload = self.codec.decode_payload
-        async for entries in self._batches(address, start, stop):
+        decode = self.codec.decode_events
+        async for entry_ids, records in self._batches(address, start, stop):
             # Decoded a batch at a time: the generator suspends once per batch, not per event.
-            for stored in [
-                StoredEvent(
-                    _version_of(entry_id),
-                    record := decode_event(fields[EVENT_FIELD]),
-                    decode_payload(record.type, record.schema_version, record.payload),
-                )
-                for entry_id, fields in entries
-            ]:
-                yield stored
+            decoded = decode(records)
+            first = _version_of(entry_ids[0])
+            if _version_of(entry_ids[-1]) == first + len(entry_ids) - 1:
+                # Contiguous, as the append script writes them: no need to parse every id.
+                for offset, (record, event) in enumerate(decoded):
+                    yield StoredEvent(first + offset, record, event)
+            else:
+                for entry_id, (record, event) in zip(entry_ids, decoded, strict=True):
+                    yield StoredEvent(_version_of(entry_id), record, event)
 
     async def save_snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
         record = self.codec.snapshot(state, version)
