@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from repertory.actors.model import (
     Actor,
     ActorDefinitionError,
+    AskRejected,
     Context,
     Rejected,
     applier,
@@ -59,6 +60,7 @@ __all__ = [
     "ActorView",
     "Address",
     "Answer",
+    "AskRejected",
     "AskTimeoutError",
     "ClientConfig",
     "Codec",

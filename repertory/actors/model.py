@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
+from repertory.schemas import schema
 from repertory.schemas.errors import RepertoryError
 from repertory.streams.keys import Address
 
@@ -52,11 +53,38 @@ class ActorDefinitionError(RepertoryError, TypeError):
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message a handler sends; committed with its events, delivered after the commit."""
+    """A message a handler sends; committed with its events, delivered after the commit.
+    `reply_to` is the asking actor when the message is an `ask`."""
 
     target: Address
     message: msgspec.Struct
     delay_ms: int = 0
+    reply_to: Address | None = None
+
+
+_ACTOR_REPLY_PREFIX = "actor:"
+
+
+def reply_to_actor(asker: Address) -> str:
+    """An envelope's `reply_to` naming an actor (an external asker names a reply stream)."""
+    return f"{_ACTOR_REPLY_PREFIX}{asker}"
+
+
+def actor_of_reply_to(reply_to: str | None) -> Address | None:
+    """The asking actor named by an envelope's `reply_to`, or None for an external asker."""
+    if reply_to is None or not reply_to.startswith(_ACTOR_REPLY_PREFIX):
+        return None
+    return Address.parse(reply_to[len(_ACTOR_REPLY_PREFIX) :])
+
+
+@schema("repertory.ask.rejected")
+class AskRejected(msgspec.Struct, frozen=True):
+    """What an asking actor receives instead of a reply when the asked actor's handler refused
+    the request (`Rejected`): `request_id` is the message id `Context.ask` returned."""
+
+    request_id: str
+    reason: str
+    code: str
 
 
 @dataclass(slots=True)
@@ -72,6 +100,8 @@ class Context:
     message_id: str
     now_ms: int
     correlation_id: str | None = None
+    causation_id: str | None = None
+    """The message that caused this one: for a reply to `ask`, the request id."""
     outgoing: list[Outgoing] = field(default_factory=list)
     reply_value: msgspec.Struct | None = None
 
@@ -89,8 +119,33 @@ class Context:
         address = Address.parse(address) if isinstance(address, str) else address
         self.outgoing.append(Outgoing(address, message, max(0, round(delay_s * 1000))))
 
+    def ask(
+        self,
+        target: Address | str,
+        message: msgspec.Struct,
+        *,
+        timeout_s: float,
+        on_timeout: Callable[[str], msgspec.Struct],
+    ) -> str:
+        """Request/reply between actors, as ordinary durable messages; returns the request id.
+
+        `message` goes to `target` like `send`; whatever its handler passes to `ctx.reply`
+        comes back to this actor as a message whose `ctx.causation_id` is the request id (or
+        `AskRejected` if the handler refused), and `on_timeout(request_id)` (a message class
+        whose first field is the request id, say) reaches this actor after `timeout_s` in any
+        case. Handlers record open request ids in state and settle each on its first answer:
+        a handler never blocks waiting for a reply.
+        """
+        address = Address.parse(target) if isinstance(target, str) else target
+        request_id = f"{self.message_id}/{len(self.outgoing)}"
+        self.outgoing.append(Outgoing(address, message, reply_to=self.address))
+        self.schedule(timeout_s, on_timeout(request_id))
+        return request_id
+
     def reply(self, message: msgspec.Struct) -> None:
-        """The answer an `ask` caller receives (default: the events this handler produced)."""
+        """The answer the asker receives: an external `ActorSystem.ask` caller (default: the
+        events this handler produced) or an actor that used `Context.ask` (no default: an
+        actor asker gets a reply only if the handler gives one here)."""
         self.reply_value = message
 
 

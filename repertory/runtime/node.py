@@ -22,7 +22,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from repertory.actors.model import Actor, Context, Rejected
+from repertory.actors.model import (
+    Actor,
+    AskRejected,
+    Context,
+    Outgoing,
+    Rejected,
+    actor_of_reply_to,
+    reply_to_actor,
+)
 from repertory.runtime.clock import Clock, RealClock
 from repertory.runtime.system import (
     REPLY_TTL_MS,
@@ -369,7 +377,14 @@ class PartitionSession:
         now = node.clock.now_ms()
         dedupe_id = envelope.idempotency_key or envelope.id
         correlation_id = envelope.correlation_id or envelope.id
-        ctx = Context(address, version, envelope.id, now, correlation_id=correlation_id)
+        ctx = Context(
+            address,
+            version,
+            envelope.id,
+            now,
+            correlation_id=correlation_id,
+            causation_id=envelope.causation_id,
+        )
 
         await node.fault("before-handle", address)
         rejected: Rejected | None = None
@@ -385,6 +400,14 @@ class PartitionSession:
             new_state = self.actor.fold(state, events)
         except Exception as error:
             raise HandlerError(error) from error
+        asker = actor_of_reply_to(envelope.reply_to)
+        if asker is not None:
+            # An actor's ask: the reply is one more outgoing message, committed with the rest.
+            if rejected is not None:
+                answer = AskRejected(envelope.id, rejected.reason, rejected.code)
+                ctx.outgoing.append(Outgoing(asker, answer))
+            elif ctx.reply_value is not None:
+                ctx.outgoing.append(Outgoing(asker, ctx.reply_value))
 
         records = [
             codec.event(
@@ -401,7 +424,9 @@ class PartitionSession:
         remote: list[tuple[int, str, bytes]] = []
         keys = system.keys
         for index, outgoing in enumerate(ctx.outgoing):
-            derived = f"{dedupe_id}/{index}"
+            # Derived from the handled message's id: a re-handled message re-sends the same
+            # ids, which the receivers' dedupe drops.
+            derived = f"{envelope.id}/{index}"
             encoded = codec.encode(
                 codec.envelope(
                     str(outgoing.target),
@@ -412,6 +437,9 @@ class PartitionSession:
                     correlation_id=correlation_id,
                     causation_id=envelope.id,
                     traceparent=envelope.traceparent,
+                    reply_to=None
+                    if outgoing.reply_to is None
+                    else reply_to_actor(outgoing.reply_to),
                     created_at=now,
                 )
             )
@@ -464,7 +492,7 @@ class PartitionSession:
         every = self.actor.snapshot_every
         if every and result.version // every > version // every:
             await self._snapshot(address, new_state, result.version)
-        if envelope.reply_to:
+        if envelope.reply_to and asker is None:
             reply = AskReply(
                 message_id=envelope.id,
                 version=result.version,
