@@ -284,8 +284,8 @@ def test_guarantees_on_fakeredis() -> None:
     # fakeredis's blocking reads do not survive cancellation (a killed node): poll instead.
     run = machine(lambda: fakeredis.FakeAsyncRedis(server=server), block_ms=None)
     run.TestCase.settings = settings(
-        max_examples=15,
-        stateful_step_count=12,
+        max_examples=40,
+        stateful_step_count=15,
         deadline=None,
         suppress_health_check=list(HealthCheck),
     )
@@ -296,8 +296,8 @@ def test_guarantees_on_fakeredis() -> None:
 def test_guarantees_on_the_real_server(redis_url: str) -> None:
     run = machine(lambda: create_client(redis_url), block_ms=20)
     run.TestCase.settings = settings(
-        max_examples=8,
-        stateful_step_count=10,
+        max_examples=25,
+        stateful_step_count=12,
         deadline=None,
         suppress_health_check=list(HealthCheck),
     )
