@@ -3,6 +3,7 @@ poison messages, graceful stop. On fakeredis and on the real embedded server."""
 
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import anyio
 import msgspec
@@ -14,6 +15,7 @@ from repertory.runtime.system import ActorSystem
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
 from repertory.streams.keys import Address
+from repertory.streams.partition import CommitResult, CommitStatus, Partition
 from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
@@ -137,6 +139,51 @@ async def test_a_duplicate_send_has_no_second_effect(system: ActorSystem, node: 
     await system.send("account/d", Deposit(1))
     await eventually(lambda: total_is(system, "account/d", 11))
     assert (await system.state_of("account/d")).state.deposits == [10, 1]
+
+
+async def test_a_backlog_is_committed_in_batches_with_the_same_effects(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages waiting for one actor are committed several per script call: duplicates inside
+    one batch, a refusal and a failing handler in the middle change nothing of the outcome."""
+    address = Address("account", "backlog")
+    expected: list[int] = []
+    for amount in range(1, 41):
+        await system.send(address, Deposit(amount))
+        expected.append(amount)
+        if amount % 10 == 0:
+            for _ in range(2):  # the same send again, within the same batch
+                await system.send(address, Deposit(1000), idempotency_key=f"dup-{amount}")
+            expected.append(1000)
+        if amount == 20:
+            await system.send(address, Deposit(-1))  # refused
+            await system.send(address, Explode())  # retried, then dead-lettered
+    batch_sizes: list[int] = []
+    commit = Partition.commit
+
+    async def counted(self: Partition, *args: Any, **kwargs: Any) -> CommitResult:
+        result = await commit(self, *args, **kwargs)
+        if result.status is CommitStatus.COMMITTED:
+            batch_sizes.append(len(args[2]))
+        return result
+
+    monkeypatch.setattr(Partition, "commit", counted)
+    handled = system.keys.handled(address)
+    running = Node(system, FAST)
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+
+        async def all_handled() -> bool:
+            # Every distinct message is recorded once; the duplicates and the poison are not.
+            return int(await system.client.xlen(handled)) == len(expected) + 1
+
+        await eventually(all_handled)
+        running.stop()
+    view = await system.state_of(address)
+    assert view.state.deposits == expected
+    assert view.version == len(expected)
+    assert sum(batch_sizes) == len(expected) + 1
+    assert max(batch_sizes) > 1
 
 
 async def test_messages_to_other_partitions_arrive_once(system: ActorSystem, node: Node) -> None:

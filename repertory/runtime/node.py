@@ -44,7 +44,7 @@ from repertory.schemas import Envelope
 from repertory.schemas.errors import DecodeError, RepertoryError
 from repertory.streams.inbox import InboxEntry
 from repertory.streams.keys import Address
-from repertory.streams.partition import Commit, CommitStatus, Partition, SeenWindow
+from repertory.streams.partition import Commit, CommitResult, CommitStatus, Partition, SeenWindow
 
 logger = logging.getLogger("repertory.node")
 
@@ -70,6 +70,9 @@ class NodeConfig:
     servers or proxies without blocking reads."""
     poll_s: float = 0.02
     mailbox_size: int = 256
+    commit_batch: int = 64
+    """Messages of one actor waiting in its mailbox are handled in turn and committed together,
+    up to this many per script call."""
     lease_ttl_ms: int = 4000
     retry_base_s: float = 0.05
     retry_cap_s: float = 2.0
@@ -110,6 +113,17 @@ class _Delivery:
 @dataclass(slots=True)
 class _Loaded:
     view: ActorView | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Handled:
+    """A message handled and ready to commit: the actor's view after it, what to commit, and
+    the answer for an external `ask` (its reply stream and reply), sent after the commit."""
+
+    address: Address
+    view: ActorView
+    commit: Commit
+    reply: tuple[str, AskReply] | None
 
 
 class Node:
@@ -323,7 +337,16 @@ class PartitionSession:
                         del self.mailboxes[key]
                         return
                     continue
-                await self._process(loaded, delivery)
+                batch = [delivery]
+                while len(batch) < self.config.commit_batch:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                if len(batch) == 1:
+                    await self._process(loaded, delivery)
+                else:
+                    await self._process_batch(loaded, batch)
 
     # Handling.
 
@@ -362,18 +385,76 @@ class PartitionSession:
         return float(min(self.config.retry_cap_s, self.config.retry_base_s * 2 ** (attempt - 1)))
 
     async def _handle_once(self, loaded: _Loaded, delivery: _Delivery) -> None:
-        envelope = delivery.envelope
-        if envelope is None:
+        """Handle and commit one message (the careful path, with retries around it)."""
+        handled = await self._handle_next(loaded, [], delivery)
+        result = await self._commit(loaded, [handled])
+        if result.status is CommitStatus.CONFLICT:
+            raise _Retry
+
+    async def _process_batch(self, loaded: _Loaded, batch: list[_Delivery]) -> None:
+        """Handle messages of one actor one after another and commit them in one script call.
+
+        A message that fails to handle or was handled before takes the careful path on its
+        own, after the messages before it are committed; the rest go on batching. A version
+        conflict (another writer) sends the whole batch the careful way."""
+        while batch:
+            handled: list[_Handled] = []
+            try:
+                for delivery in batch:
+                    handled.append(await self._handle_next(loaded, handled, delivery))
+            except PartitionLost:
+                raise
+            except Exception:
+                pass  # batch[len(handled)] takes the careful path below
+            done = 0
+            if handled:
+                result = await self._commit_or_none(loaded, handled)
+                if result is not None and result.status is CommitStatus.DUPLICATE:
+                    done = result.duplicate or 0
+                    if done:
+                        result = await self._commit_or_none(loaded, handled[:done])
+                elif result is not None and result.status is CommitStatus.COMMITTED:
+                    done = len(handled)
+                if result is None or result.status is CommitStatus.CONFLICT:
+                    for delivery in batch:
+                        await self._process(loaded, delivery)
+                    return
+            if done < len(batch):
+                await self._process(loaded, batch[done])
+                done += 1
+            batch = batch[done:]
+
+    async def _handle_next(
+        self, loaded: _Loaded, handled: list[_Handled], delivery: _Delivery
+    ) -> _Handled:
+        """Handle `delivery` on the view the messages handled before it in the batch left."""
+        if delivery.envelope is None:
             raise delivery.error or DecodeError("no envelope", reason="malformed")
+        address = Address.parse(delivery.envelope.target)
+        if loaded.view is None:
+            loaded.view = await rebuild(self.system.store, self.actor, address)
+        return await self._handle(address, handled[-1].view if handled else loaded.view, delivery)
+
+    async def _commit_or_none(
+        self, loaded: _Loaded, handled: list[_Handled]
+    ) -> CommitResult | None:
+        """Commit, or None (and the view forgotten) if Redis failed: the careful path retries."""
+        try:
+            return await self._commit(loaded, handled)
+        except INFRASTRUCTURE_ERRORS:
+            loaded.view = None
+            return None
+
+    async def _handle(self, address: Address, view: ActorView, delivery: _Delivery) -> _Handled:
+        """Run the handler of one message on `view` and prepare its commit; writes nothing."""
+        envelope = delivery.envelope
+        assert envelope is not None
         system, node = self.system, self.node
         codec = system.codec
-        address = Address.parse(envelope.target)
         if address.kind != self.partition.kind:
             raise UnknownKindError(f"{address} arrived in the inbox of {self.partition}")
         message = codec.message_of(envelope)
-        if loaded.view is None:
-            loaded.view = await rebuild(system.store, self.actor, address)
-        state, version = loaded.view.state, loaded.view.version
+        state, version = view.state, view.version
         now = node.clock.now_ms()
         dedupe_id = envelope.idempotency_key or envelope.id
         correlation_id = envelope.correlation_id or envelope.id
@@ -409,13 +490,16 @@ class PartitionSession:
             elif ctx.reply_value is not None:
                 ctx.outgoing.append(Outgoing(asker, ctx.reply_value))
 
-        records = [
-            codec.event(
-                event,
-                causation_id=envelope.id,
-                correlation_id=correlation_id,
-                traceparent=envelope.traceparent,
-                recorded_at=now,
+        encode = codec.encode
+        events_encoded = [
+            encode(
+                codec.event(
+                    event,
+                    causation_id=envelope.id,
+                    correlation_id=correlation_id,
+                    traceparent=envelope.traceparent,
+                    recorded_at=now,
+                )
             )
             for event in events
         ]
@@ -427,7 +511,7 @@ class PartitionSession:
             # Derived from the handled message's id: a re-handled message re-sends the same
             # ids, which the receivers' dedupe drops.
             derived = f"{envelope.id}/{index}"
-            encoded = codec.encode(
+            encoded = encode(
                 codec.envelope(
                     str(outgoing.target),
                     outgoing.message,
@@ -458,50 +542,65 @@ class PartitionSession:
             else:
                 remote.append((0, keys.inbox(outgoing.target.kind, target_partition), encoded))
 
-        encode = codec.encode
+        reply: tuple[str, AskReply] | None = None
+        if envelope.reply_to and asker is None:
+            reply = (
+                envelope.reply_to,
+                AskReply(
+                    message_id=envelope.id,
+                    version=version + len(events),
+                    events=events_encoded,
+                    reply=None if ctx.reply_value is None else encode(codec.event(ctx.reply_value)),
+                    rejected=None if rejected is None else rejected.reason,
+                    code=None if rejected is None else rejected.code,
+                ),
+            )
         commit = Commit(
-            address=address,
             dedupe_id=dedupe_id,
-            expected_version=version,
             handled=delivery.data,
-            events=[encode(record) for record in records],
+            events=events_encoded,
             local=local,
             timers=timers,
             remote=remote,
             inbox_entry=delivery.entry_id,
             rejected="" if rejected is None else rejected.reason,
         )
-        await node.fault("before-commit", address)
-        result = await self.partition.commit(
-            commit, epoch=self.epoch, now_ms=now, seen=self.config.seen
-        )
-        await node.fault("after-commit", address)
+        return _Handled(address, ActorView(version + len(events), new_state), commit, reply)
 
+    async def _commit(self, loaded: _Loaded, handled: list[_Handled]) -> CommitResult:
+        """Commit handled messages of one actor; on success, the replies and snapshot follow."""
+        assert loaded.view is not None
+        before = loaded.view.version
+        address = handled[0].address
+        await self.node.fault("before-commit", address)
+        result = await self.partition.commit(
+            address,
+            before,
+            [item.commit for item in handled],
+            epoch=self.epoch,
+            now_ms=self.node.clock.now_ms(),
+            seen=self.config.seen,
+        )
+        await self.node.fault("after-commit", address)
         if result.status is CommitStatus.FENCED:
             raise PartitionLost(f"{self.partition} moved to another node")
         if result.status is CommitStatus.CONFLICT:
             loaded.view = None
-            raise _Retry
-        if result.status is CommitStatus.DUPLICATE:
-            return
-        loaded.view = ActorView(result.version, new_state)
-        if timers:
+        if result.status is not CommitStatus.COMMITTED:
+            return result
+        after = handled[-1].view
+        loaded.view = after
+        if any(item.commit.timers for item in handled):
             self._timers_changed.set()
-        if remote:
+        if any(item.commit.remote for item in handled):
             self._outbox_changed.set()
         every = self.actor.snapshot_every
-        if every and result.version // every > version // every:
-            await self._snapshot(address, new_state, result.version)
-        if envelope.reply_to and asker is None:
-            reply = AskReply(
-                message_id=envelope.id,
-                version=result.version,
-                events=[encode(record) for record in records],
-                reply=None if ctx.reply_value is None else encode(codec.event(ctx.reply_value)),
-                rejected=None if rejected is None else rejected.reason,
-                code=None if rejected is None else rejected.code,
-            )
-            await self._reply(envelope.reply_to, reply)
+        if every and after.version // every > before // every:
+            await self._snapshot(address, after.state, after.version)
+        for item in handled:
+            if item.reply is not None:
+                await self._reply(*item.reply)
+        return result
 
     async def _snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
         # Snapshots only speed activation up (G5): failing to write one loses nothing.

@@ -21,13 +21,16 @@ RELAY_GROUP = "relay"
 class CommitStatus(enum.IntEnum):
     COMMITTED = 1
     CONFLICT = 0  # the actor's version moved: reload and handle again
-    DUPLICATE = -1  # the message was handled before: acked, nothing written
+    DUPLICATE = -1  # a message was handled before: nothing written (a batch of one is acked)
     FENCED = -2  # the partition's epoch moved: this node lost it, nothing written
 
 
 class CommitResult(NamedTuple):
     status: CommitStatus
     version: int
+    """The actor's version after the commit, or its current version on a conflict."""
+    duplicate: int | None = None
+    """On DUPLICATE, the position in the batch of the first message handled before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +42,7 @@ class Commit:
     outbox for the relay.
     """
 
-    address: Address
     dedupe_id: str
-    expected_version: int
     handled: bytes
     events: Sequence[bytes] = ()
     local: Sequence[bytes] = ()
@@ -79,35 +80,44 @@ class Partition:
 
     async def commit(
         self,
-        commit: Commit,
+        address: Address,
+        expected_version: int,
+        commits: Sequence[Commit],
         *,
         epoch: int | None,
         now_ms: int,
         seen: SeenWindow,
     ) -> CommitResult:
-        address = commit.address
+        """Commit the outcomes of handling messages of one actor, in order, in one script call:
+        all of them, or (on a conflict, a duplicate or a lost epoch) none."""
         args: list[Any] = [
             self.group,
-            commit.inbox_entry or "",
-            commit.dedupe_id,
             "" if epoch is None else epoch,
-            commit.expected_version,
+            expected_version,
             now_ms,
             seen.window_ms,
             seen.limit,
-            commit.handled,
-            commit.rejected,
-            len(commit.events),
-            *commit.events,
-            len(commit.local),
-            *commit.local,
-            len(commit.timers),
+            len(commits),
         ]
-        for due, message in commit.timers:
-            args.extend((due, message))
-        args.append(len(commit.remote))
-        for due, target, message in commit.remote:
-            args.extend((due, target, message))
+        for commit in commits:
+            args.extend(
+                (
+                    commit.inbox_entry or "",
+                    commit.dedupe_id,
+                    commit.handled,
+                    commit.rejected,
+                    len(commit.events),
+                    *commit.events,
+                    len(commit.local),
+                    *commit.local,
+                    len(commit.timers),
+                )
+            )
+            for due, message in commit.timers:
+                args.extend((due, message))
+            args.append(len(commit.remote))
+            for due, target, message in commit.remote:
+                args.extend((due, target, message))
         keys = [
             self.keys.events(address),
             self.keys.handled(address),
@@ -117,8 +127,11 @@ class Partition:
             self.outbox_key,
             self.timers_key,
         ]
-        status, version = await COMMIT(self.client, keys, args)
-        return CommitResult(CommitStatus(int(status)), int(version or 0))
+        status, value = await COMMIT(self.client, keys, args)
+        outcome = CommitStatus(int(status))
+        if outcome is CommitStatus.DUPLICATE:
+            return CommitResult(outcome, expected_version, int(value) - 1)
+        return CommitResult(outcome, int(value or 0))
 
     async def relay(self, consumer: str, *, count: int = 200) -> int:
         """Forward committed outbox entries to their target partitions, then drop them.
