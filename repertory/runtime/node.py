@@ -44,6 +44,7 @@ from repertory.schemas import Envelope
 from repertory.schemas.errors import DecodeError, RepertoryError
 from repertory.streams.inbox import InboxEntry
 from repertory.streams.keys import Address
+from repertory.streams.membership import Membership
 from repertory.streams.partition import Commit, CommitResult, CommitStatus, Partition, SeenWindow
 
 logger = logging.getLogger("repertory.node")
@@ -145,6 +146,9 @@ class Node:
         self._stop_requested = anyio.Event()
         self.stopped = anyio.Event()
         self.sessions: dict[tuple[str, int], PartitionSession] = {}
+        self.membership = Membership(system.client, system.keys)
+        self.members: list[str] = []
+        self.share = 0
 
     @property
     def node_id(self) -> str:
@@ -162,35 +166,66 @@ class Node:
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         all_done = anyio.Event()
+        await self._heartbeat_once()
         async with anyio.create_task_group() as outer:
 
             async def serve_partitions() -> None:
                 async with anyio.create_task_group() as group:
-                    for kind in self.system.actors:
-                        count = self.system.keys.partitions_of(kind)
-                        for number in range(count):
-                            if self.config.partitions is None or number in self.config.partitions:
-                                group.start_soon(self._keep_partition, kind, number)
+                    for kind, number in self._partitions:
+                        group.start_soon(self._keep_partition, kind, number)
                 all_done.set()
 
+            outer.start_soon(self._heartbeat)
             outer.start_soon(serve_partitions)
             task_status.started()
             await self._stop_requested.wait()
             self.stopping = True
             for session in list(self.sessions.values()):
-                session.wake()
+                session.stop()
             with anyio.move_on_after(self.config.shutdown_timeout_s):
                 await all_done.wait()
             outer.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            await self.membership.leave(self.node_id)
+
+    @property
+    def _partitions(self) -> list[tuple[str, int]]:
+        """Every (kind, partition) this node may serve, in a stable order."""
+        return [
+            (kind, number)
+            for kind in self.system.actors
+            for number in range(self.system.keys.partitions_of(kind))
+            if self.config.partitions is None or number in self.config.partitions
+        ]
+
+    async def _heartbeat_once(self) -> None:
+        members = await self.membership.heartbeat(self.node_id, self.config.lease_ttl_ms)
+        self.members = members
+        # Partitions are spread evenly: no node takes more than its share of them.
+        self.share = -(-len(self._partitions) // max(1, len(members)))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.config.lease_ttl_ms / 3000)
+            try:
+                await self._heartbeat_once()
+            except INFRASTRUCTURE_ERRORS as error:
+                logger.warning("heartbeat failed (%s); retrying", error)
+                continue
+            owned = sorted(self.sessions)
+            # Hand over what is beyond the share, so that joining nodes get theirs.
+            for key in owned[self.share :]:
+                self.sessions[key].stop()
 
     async def _keep_partition(self, kind: str, number: int) -> None:
         partition = self.system.partition(kind, number)
         await partition.ensure_groups()
         while not self.stopping:
-            epoch = await partition.acquire(self.node_id, self.config.lease_ttl_ms)
+            epoch = None
+            if len(self.sessions) < self.share:
+                epoch = await partition.acquire(self.node_id, self.config.lease_ttl_ms)
             if epoch is None:
-                with anyio.move_on_after(self.config.lease_ttl_ms / 2000):
-                    await self._stop_requested.wait()
+                await self.sleep_unless_stopping(self.config.lease_ttl_ms / 4000)
                 continue
             session = PartitionSession(self, partition, epoch)
             self.sessions[(kind, number)] = session
@@ -223,10 +258,19 @@ class PartitionSession:
         self.mailboxes: dict[str, MemoryObjectSendStream[_Delivery]] = {}
         self._timers_changed = anyio.Event()
         self._outbox_changed = anyio.Event()
+        self.stopping = False
+        self._stop_requested = anyio.Event()
 
-    def wake(self) -> None:
+    def stop(self) -> None:
+        """Hand the partition over: stop reading, finish the messages in hand, release."""
+        self.stopping = True
+        self._stop_requested.set()
         self._timers_changed.set()
         self._outbox_changed.set()
+
+    async def sleep_unless_stopping(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._stop_requested.wait()
 
     async def run(self) -> None:
         async with anyio.create_task_group() as services:
@@ -245,7 +289,7 @@ class PartitionSession:
             await self._resume(actors)
             inbox = self.partition.inbox
             failures = 0
-            while not self.node.stopping:
+            while not self.stopping:
                 try:
                     entries = await inbox.read(
                         self.node.node_id,
@@ -256,12 +300,12 @@ class PartitionSession:
                 except INFRASTRUCTURE_ERRORS as error:
                     failures += 1
                     logger.warning("reading %s failed (%s); retrying", self.partition, error)
-                    await self.node.sleep_unless_stopping(self._backoff(failures))
+                    await self.sleep_unless_stopping(self._backoff(failures))
                     continue
                 for entry in entries:
                     await self._dispatch(actors, entry, deliveries=1)
                 if not entries and self.config.block_ms is None:
-                    await self.node.sleep_unless_stopping(self.config.poll_s)
+                    await self.sleep_unless_stopping(self.config.poll_s)
         finally:
             for mailbox in self.mailboxes.values():
                 mailbox.close()
@@ -290,7 +334,7 @@ class PartitionSession:
                 return
 
     async def _dispatch(self, actors: TaskGroup, entry: InboxEntry, *, deliveries: int) -> None:
-        if self.node.stopping:
+        if self.stopping:
             return  # left pending for the partition's next owner
         data = entry.data or b""
         envelope: Envelope | None = None
@@ -329,7 +373,7 @@ class PartitionSession:
                         delivery = await receive.receive()
                     except anyio.EndOfStream:
                         return
-                if self.node.stopping:
+                if self.stopping:
                     return
                 if delivery is None:
                     # Passivate; nothing can be in flight towards an idle, empty mailbox.
@@ -354,7 +398,7 @@ class PartitionSession:
         attempts = delivery.deliveries
         max_deliveries = self.actor.max_deliveries or self.config.max_deliveries
         failures = 0
-        while not self.node.stopping:
+        while not self.stopping:
             try:
                 await self._handle_once(loaded, delivery)
                 return
@@ -364,7 +408,7 @@ class PartitionSession:
                 loaded.view = None
                 failures += 1
                 logger.warning("redis unavailable (%s); retrying", error)
-                await self.node.sleep_unless_stopping(self._backoff(failures))
+                await self.sleep_unless_stopping(self._backoff(failures))
             except PartitionLost:
                 raise
             except Exception as error:
@@ -375,7 +419,7 @@ class PartitionSession:
                 logger.info(
                     "attempt %d of %s failed: %r", attempts, delivery.entry_id.decode(), error
                 )
-                await self.node.sleep_unless_stopping(self._backoff(attempts))
+                await self.sleep_unless_stopping(self._backoff(attempts))
                 attempts += 1
                 await self.partition.inbox.set_deliveries(
                     self.node.node_id, delivery.entry_id, attempts
@@ -662,7 +706,7 @@ class PartitionSession:
     async def _fire_timers(self) -> None:
         client = self.system.client
         failures = 0
-        while not self.node.stopping:
+        while not self.stopping:
             # A fresh event before looking: a timer committed from now on wakes the wait.
             self._timers_changed = anyio.Event()
             wait_s = self.config.max_timer_wait_s
@@ -683,7 +727,7 @@ class PartitionSession:
 
     async def _relay_outbox(self) -> None:
         failures = 0
-        while not self.node.stopping:
+        while not self.stopping:
             self._outbox_changed = anyio.Event()
             wait_s = self.config.relay_poll_s
             try:

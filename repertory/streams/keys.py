@@ -129,6 +129,10 @@ class KeyLayout:
         """The hash tag of a task queue: its tasks, results and dead letters share one slot."""
         return f"{{{self.app}:queue:{_check_name('queue name', name)}}}"
 
+    def nodes(self) -> str:
+        """The live nodes of the namespace (zset: node id -> heartbeat expiry)."""
+        return f"{{{self.app}:nodes}}"
+
     def group(self, kind: str) -> str:
         """The consumer group that the nodes hosting `kind` share."""
         return f"{self.app}:{_check_name('actor kind', kind)}"
