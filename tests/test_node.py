@@ -184,6 +184,13 @@ async def test_a_backlog_is_committed_in_batches_with_the_same_effects(
     assert view.version == len(expected)
     assert sum(batch_sizes) == len(expected) + 1
     assert max(batch_sizes) > 1
+    # Each handled message records the time its handler saw, as its events do (replay).
+    recorded = {
+        stored.version: stored.record.recorded_at async for stored in system.store.read(address)
+    }
+    for _, fields in await system.client.xrange(handled):
+        for version in range(int(fields[b"from"]) + 1, int(fields[b"to"]) + 1):
+            assert recorded[version] == int(fields[b"at"])
 
 
 async def test_messages_to_other_partitions_arrive_once(system: ActorSystem, node: Node) -> None:

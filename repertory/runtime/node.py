@@ -74,7 +74,7 @@ class NodeConfig:
     commit_batch: int = 64
     """Messages of one actor waiting in its mailbox are handled in turn and committed together,
     up to this many per script call."""
-    lease_ttl_ms: int = 4000
+    lease_ttl_ms: int = 3000
     retry_base_s: float = 0.05
     retry_cap_s: float = 2.0
     max_deliveries: int = 5
@@ -220,13 +220,19 @@ class Node:
     async def _keep_partition(self, kind: str, number: int) -> None:
         partition = self.system.partition(kind, number)
         await partition.ensure_groups()
+        seen_free = 0
         while not self.stopping:
             epoch = None
-            if len(self.sessions) < self.share:
+            # Beyond its share a node takes only a partition it has seen free twice in a row:
+            # one whose owner died (before the members know it), not one handed to a joiner.
+            if len(self.sessions) < self.share or seen_free >= 2:
                 epoch = await partition.acquire(self.node_id, self.config.lease_ttl_ms)
+            else:
+                seen_free = seen_free + 1 if await partition.owner() is None else 0
             if epoch is None:
-                await self.sleep_unless_stopping(self.config.lease_ttl_ms / 4000)
+                await self.sleep_unless_stopping(self.config.lease_ttl_ms / 16000)
                 continue
+            seen_free = 0
             session = PartitionSession(self, partition, epoch)
             self.sessions[(kind, number)] = session
             try:
@@ -602,6 +608,7 @@ class PartitionSession:
         commit = Commit(
             dedupe_id=dedupe_id,
             handled=delivery.data,
+            handled_at=now,
             events=events_encoded,
             local=local,
             timers=timers,

@@ -140,3 +140,24 @@ class KeyLayout:
     def events_pattern(self, kind: str) -> str:
         """A SCAN pattern matching every event stream of a kind."""
         return f"{{{self.app}:{kind}:*}}:ev:*"
+
+    def handled_pattern(self, kind: str) -> str:
+        """A SCAN pattern matching every handled-message stream of a kind."""
+        return f"{{{self.app}:{kind}:*}}:msg:*"
+
+    def kind_pattern(self, kind: str) -> str:
+        """A SCAN pattern matching every key of a kind (`*` for every kind)."""
+        return f"{{{self.app}:{kind}:*}}*"
+
+    def parse_key(self, key: str) -> tuple[str, int, str]:
+        """(kind, partition, rest) of a key of this namespace, the inverse of `tag`.
+
+        Raises KeyLayoutError for a key of another namespace or shape."""
+        prefix = f"{{{self.app}:"
+        tag_end = key.find("}")
+        if not key.startswith(prefix) or tag_end < 0:
+            raise KeyLayoutError(f"{key!r} is not a key of application {self.app!r}")
+        kind, _, partition = key[len(prefix) : tag_end].rpartition(":")
+        if not kind or not partition.isdigit():
+            raise KeyLayoutError(f"{key!r} is not a partition key of application {self.app!r}")
+        return kind, int(partition), key[tag_end + 2 :]

@@ -44,6 +44,8 @@ class Commit:
 
     dedupe_id: str
     handled: bytes
+    handled_at: int
+    """When the handler ran (ms): the time its context gave it, which replays give it again."""
     events: Sequence[bytes] = ()
     local: Sequence[bytes] = ()
     timers: Sequence[tuple[int, bytes]] = ()
@@ -106,6 +108,7 @@ class Partition:
                     commit.dedupe_id,
                     commit.handled,
                     commit.rejected,
+                    commit.handled_at,
                     len(commit.events),
                     *commit.events,
                     len(commit.local),

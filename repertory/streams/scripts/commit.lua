@@ -8,7 +8,8 @@
 -- ARGV[5] seen window (ms)    ARGV[6] seen-set size limit     ARGV[7] number of messages
 -- then per message, in handling order:
 --   inbox entry id ('' when not from the inbox), dedupe id, the handled message as received,
---   why it was rejected ('' = accepted), n_events, events...; n_local, messages for this
+--   why it was rejected ('' = accepted), when it was handled (ms, the handler's clock),
+--   n_events, events...; n_local, messages for this
 --   partition's inbox...; n_timers, (due ms, message for this partition)...; n_out, (due ms or
 --   0, target key, message for another partition)... (the outbox relay forwards those after
 --   the commit: to the target inbox when due is 0, else to the target timer set)
@@ -45,7 +46,7 @@ for m = 1, count do
     return {-1, m}
   end
   in_batch[ARGV[i + 1]] = true
-  i = i + 4
+  i = i + 5
   i = i + tonumber(ARGV[i]) + 1
   i = i + tonumber(ARGV[i]) + 1
   i = i + 2 * tonumber(ARGV[i]) + 1
@@ -62,15 +63,16 @@ local entry_ids = {}
 for m = 1, count do
   i = starts[m]
   local entry_id, dedupe_id, handled, rejected = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local handled_at = ARGV[i + 4]
   local before = version
-  i = i + 4
+  i = i + 5
   local n = tonumber(ARGV[i])
   for j = 1, n do
     version = version + 1
     redis.call('XADD', KEYS[1], version .. '-0', 'e', ARGV[i + j])
   end
   i = i + n + 1
-  redis.call('XADD', KEYS[2], '*', 'm', handled, 'at', ARGV[4], 'from', before, 'to', version,
+  redis.call('XADD', KEYS[2], '*', 'm', handled, 'at', handled_at, 'from', before, 'to', version,
     'rejected', rejected)
   n = tonumber(ARGV[i])
   for j = 1, n do
