@@ -21,6 +21,7 @@ from repertory.runtime.replay import (
     handled_messages,
     kinds_of,
     parse_entry_id,
+    raw_event_batches,
     raw_events,
 )
 from repertory.runtime.system import ActorSystem
@@ -127,51 +128,92 @@ async def _verify_actor(
     snapshot_version, snapshot_state = await _load_snapshot(system, address, report)
     state = None if actor is None else actor.initial
     folding = actor is not None  # until a gap or an unreadable event makes the fold meaningless
-    expected, unreported = 1, 0
+    expected = 1
     if snapshot_version == 0 and folding:
         _compare_snapshot(name, 0, state, snapshot_state, report)
-    async for entry_id, data in raw_events(system, address):
-        version, sequence = parse_entry_id(entry_id)
-        report.events += 1
-        unreported += 1
-        if progress is not None and unreported >= 1000:
-            progress(unreported)
-            unreported = 0
-        if version != expected or sequence != 0:
-            detail = f"expected version {expected}, found entry {entry_id.decode()}"
-            report.add(Problem(address=name, kind="gap", detail=detail, version=expected))
-            folding = False
-        expected = version + 1
-        try:
-            record = codec.decode_event(data)
-            if actor is None:
-                codec.plain(record.payload)
-                continue
-            event = codec.event_of(record)
-        except DecodeError as error:
-            report.add(
-                Problem(address=name, kind="undecodable-event", detail=str(error), version=version)
-            )
-            folding = False
-            continue
-        if not folding or actor is None:
-            continue
-        try:
-            state = actor.apply(state, event)
-        except Exception as error:
-            detail = f"applying {record.type} raised {error!r}"
-            report.add(Problem(address=name, kind="applier-error", detail=detail, version=version))
-            folding = False
-            continue
-        if version == snapshot_version:
-            _compare_snapshot(name, version, state, snapshot_state, report)
-    if progress is not None and unreported:
-        progress(unreported)
+    async for batch in raw_event_batches(system, address):
+        report.events += len(batch)
+        decoded = _decode_contiguous(codec, batch, expected) if folding else None
+        if decoded is not None:
+            # The common case, a whole batch sound: decoded in one pass of msgspec calls.
+            assert actor is not None
+            for version, (record, event) in enumerate(decoded, start=expected):
+                try:
+                    state = actor.apply(state, event)
+                except Exception as error:
+                    detail = f"applying {record.type} raised {error!r}"
+                    report.add(
+                        Problem(address=name, kind="applier-error", detail=detail, version=version)
+                    )
+                    folding = False
+                    break
+                if version == snapshot_version:
+                    _compare_snapshot(name, version, state, snapshot_state, report)
+            expected += len(batch)
+        else:
+            # Entry by entry, to report each problem where it is.
+            for entry_id, data in batch:
+                version, sequence = parse_entry_id(entry_id)
+                if version != expected or sequence != 0:
+                    detail = f"expected version {expected}, found entry {entry_id.decode()}"
+                    report.add(Problem(address=name, kind="gap", detail=detail, version=expected))
+                    folding = False
+                expected = version + 1
+                try:
+                    record = codec.decode_event(data)
+                    if actor is None:
+                        codec.plain(record.payload)
+                        continue
+                    event = codec.event_of(record)
+                except DecodeError as error:
+                    report.add(
+                        Problem(
+                            address=name,
+                            kind="undecodable-event",
+                            detail=str(error),
+                            version=version,
+                        )
+                    )
+                    folding = False
+                    continue
+                if not folding or actor is None:
+                    continue
+                try:
+                    state = actor.apply(state, event)
+                except Exception as error:
+                    detail = f"applying {record.type} raised {error!r}"
+                    report.add(
+                        Problem(address=name, kind="applier-error", detail=detail, version=version)
+                    )
+                    folding = False
+                    continue
+                if version == snapshot_version:
+                    _compare_snapshot(name, version, state, snapshot_state, report)
+        if progress is not None:
+            progress(len(batch))
     if snapshot_version is not None and snapshot_version >= expected:
         detail = f"the snapshot is at version {snapshot_version}, the log ends at {expected - 1}"
         report.add(
             Problem(address=name, kind="snapshot-ahead", detail=detail, version=snapshot_version)
         )
+
+
+def _decode_contiguous(
+    codec: Codec, batch: list[tuple[bytes, bytes]], expected: int
+) -> list[tuple[EventRecord, msgspec.Struct]] | None:
+    """The batch's records and events if its versions run on from `expected` without a gap and
+    every entry decodes; else None (the caller then looks at each entry)."""
+    first, _ = parse_entry_id(batch[0][0])
+    last, _ = parse_entry_id(batch[-1][0])
+    # Entry ids only increase: with every sequence 0, first and last bound every version.
+    if first != expected or last != expected + len(batch) - 1:
+        return None
+    if not all(entry_id.endswith(b"-0") for entry_id, _ in batch):
+        return None
+    try:
+        return codec.decode_events([data for _, data in batch])
+    except DecodeError:
+        return None
 
 
 async def _load_snapshot(

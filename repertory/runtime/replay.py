@@ -4,6 +4,7 @@ tests and behind `repertory replay` and `repertory check`.
 - `timeline`: the actor's events in order, each with the message that caused it (from the
   handled-message stream the commit script writes), and the messages it refused;
 - `state_at` / `states_at`: the state folded from the events up to a version;
+- `state_at_time`: the state after the last event recorded at or before a time;
 - `diff_states`: what changed between two states, field by field;
 - `follow`: the timeline, then new entries as they are committed;
 - `check_actor` / `check`: re-run every recorded message through today's handler code from
@@ -13,6 +14,7 @@ Everything streams: logs are read in batches and folded as they come, never held
 The timeline needs no actor code (payloads are shown as stored); states and checks need it.
 """
 
+import datetime
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -214,20 +216,30 @@ async def actors_of(system: ActorSystem, kind: str) -> list[Address]:
 # Reading the streams.
 
 
-async def raw_events(
+async def raw_event_batches(
     system: ActorSystem, address: Address, start: int = 1, stop: int | None = None
-) -> AsyncIterator[tuple[bytes, bytes]]:
-    """(entry id, encoded record) of the actor's event stream, undecoded, in batches: for tools
-    that must show a corrupt entry rather than stop at it. A missing record field gives b""."""
+) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+    """(entry id, encoded record) of the actor's event stream, undecoded, a batch (one XRANGE)
+    at a time: for tools that must show a corrupt entry rather than stop at it. A missing
+    record field gives b""."""
     key = system.keys.events(address)
     lower, upper = f"{max(start, 1)}-0", "+" if stop is None else f"{stop}-0"
     while True:
         entries = await system.client.xrange(key, lower, upper, count=READ_BATCH)
-        for entry_id, fields in entries:
-            yield entry_id, fields.get(EVENT_FIELD, b"")
+        if entries:
+            yield [(entry_id, fields.get(EVENT_FIELD, b"")) for entry_id, fields in entries]
         if len(entries) < READ_BATCH:
             return
         lower = f"({entries[-1][0].decode()}"
+
+
+async def raw_events(
+    system: ActorSystem, address: Address, start: int = 1, stop: int | None = None
+) -> AsyncIterator[tuple[bytes, bytes]]:
+    """`raw_event_batches` one entry at a time."""
+    async for batch in raw_event_batches(system, address, start, stop):
+        for entry in batch:
+            yield entry
 
 
 def parse_entry_id(entry_id: bytes) -> tuple[int, int]:
@@ -434,11 +446,21 @@ async def states_at(
     remaining = deque(wanted)
     while remaining and remaining[0] == 0:
         views[remaining.popleft()] = ActorView(0, state)
-    if remaining:
-        async for stored in system.store.read(address, 1, wanted[-1]):
-            state, version = actor.apply(state, stored.event), stored.version
-            while remaining and remaining[0] == version:
+    apply, decode = actor.apply, system.codec.decode_events
+    # A decoded batch at a time, folded in a plain loop: no per-event object or async step.
+    async for batch in raw_event_batches(system, address, 1, wanted[-1] if remaining else 0):
+        first, _ = parse_entry_id(batch[0][0])
+        last, _ = parse_entry_id(batch[-1][0])
+        contiguous = first == version + 1 and last == version + len(batch)
+        if not contiguous or not all(entry_id.endswith(b"-0") for entry_id, _ in batch):
+            break  # a gap: reported below
+        for event_record in decode([data for _, data in batch]):
+            state = apply(state, event_record[1])
+            version += 1
+            if version == remaining[0]:
                 views[remaining.popleft()] = ActorView(version, state)
+                if not remaining:
+                    break
     if remaining:
         raise ReplayError(f"{address}: the log has no event {remaining[0]} (a gap: run verify)")
     return views
@@ -447,6 +469,51 @@ async def states_at(
 async def state_at(system: ActorSystem, target: Address | str, version: int) -> ActorView:
     """The actor's state after its first `version` events (0: its initial state)."""
     return (await states_at(system, target, [version]))[version]
+
+
+async def state_at_time(system: ActorSystem, target: Address | str, at_ms: int) -> ActorView:
+    """The actor's state after the last event recorded at or before `at_ms` (unix ms): the
+    events are folded up to the first one recorded later. Clocks of different nodes may
+    disagree, so times are not always increasing along a log; a prefix of the log is the only
+    state the actor ever had, hence the first later event ends it."""
+    address = _address(target)
+    actor = actor_for(system, address)
+    state, version = actor.initial, 0
+    async for stored in system.store.read(address):
+        if stored.record.recorded_at > at_ms:
+            break
+        state, version = actor.apply(state, stored.event), stored.version
+    return ActorView(version, state)
+
+
+# Below this an integer is a version, from it on unix milliseconds: no log has 10**11 events,
+# and 10**11 ms is March 1973.
+EPOCH_MS_FROM = 10**11
+
+
+def parse_time(text: str) -> int:
+    """Unix milliseconds from an ISO 8601 time (UTC unless it gives an offset; `Z` accepted)
+    or from a number of milliseconds."""
+    cleaned = text.strip()
+    if cleaned.isdigit():
+        return int(cleaned)
+    try:
+        moment = datetime.datetime.fromisoformat(cleaned.replace("Z", "+00:00"))
+    except ValueError:
+        raise ReplayError(
+            f"{text!r} is neither an ISO 8601 time (2026-11-23T11:51:15.841) nor unix ms"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def parse_moment(text: str) -> tuple[Literal["version", "time"], int]:
+    """What `replay --at` names: a version (an integer below EPOCH_MS_FROM), else a time."""
+    cleaned = text.strip()
+    if cleaned.isdigit() and int(cleaned) < EPOCH_MS_FROM:
+        return "version", int(cleaned)
+    return "time", parse_time(cleaned)
 
 
 def diff_values(before: Any, after: Any, path: str = "") -> list[FieldChange]:
@@ -657,6 +724,14 @@ class _Replay:
             recorded.append(taken)
         return self._compare(start, recorded, produced, about)
 
+    async def skip(self, handled: HandledEntry) -> Divergence | None:
+        """Fold the events a message recorded without re-running it (before `--since`)."""
+        while self.version < handled.to_version:
+            taken = await self.take()
+            if isinstance(taken, Divergence):
+                return taken
+        return None
+
     def _compare(
         self,
         start: int,
@@ -691,16 +766,26 @@ class _Replay:
         return Divergence(address=str(self.address), kind=kind, detail=detail, **details)
 
 
-async def check_actor(system: ActorSystem, target: Address | str) -> ActorCheck:
+async def check_actor(
+    system: ActorSystem, target: Address | str, *, since_ms: int | None = None
+) -> ActorCheck:
     """Re-run every message the actor handled through today's handlers, each from the state
     the recorded events give before it, and compare what they produce with what was recorded.
     Stops at the first divergence (later ones usually follow from it); events after the last
-    message are still decoded and folded, to report any that today's code cannot read."""
+    message are still decoded and folded, to report any that today's code cannot read.
+
+    With `since_ms`, messages handled before that time are not re-run: their recorded events
+    are only folded, to give the later ones the state they saw."""
     address = _address(target)
     replay = _Replay(system, address)
     messages = 0
     divergence: Divergence | None = None
     async for handled in handled_messages(system, address):
+        if since_ms is not None and handled.at_ms < since_ms:
+            divergence = await replay.skip(handled)
+            if divergence is not None:
+                break
+            continue
         divergence = await replay.message(handled)
         if divergence is not None:
             break
@@ -717,7 +802,11 @@ async def check_actor(system: ActorSystem, target: Address | str) -> ActorCheck:
 
 
 async def check(
-    system: ActorSystem, *, kind: str | None = None, actor_id: str | None = None
+    system: ActorSystem,
+    *,
+    kind: str | None = None,
+    actor_id: str | None = None,
+    since_ms: int | None = None,
 ) -> AsyncIterator[ActorCheck]:
     """`check_actor` on every actor of the system (or of one kind, or one actor)."""
     kinds = [kind] if kind is not None else sorted(system.actors)
@@ -730,4 +819,4 @@ async def check(
             [Address(name, actor_id)] if actor_id is not None else await actors_of(system, name)
         )
         for address in addresses:
-            yield await check_actor(system, address)
+            yield await check_actor(system, address, since_ms=since_ms)

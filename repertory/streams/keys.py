@@ -87,6 +87,10 @@ class KeyLayout:
         """The messages the actor handled, each with the versions it moved between (replay)."""
         return f"{self._actor_tag(address)}:msg:{address.id}"
 
+    def migrating(self, address: Address) -> str:
+        """The rewritten copy of the actor's event stream while a migration builds it."""
+        return f"{self._actor_tag(address)}:migrating:{address.id}"
+
     # Per partition.
     def snapshots(self, kind: str, partition: int) -> str:
         """Hash: actor id -> encoded snapshot record."""
