@@ -71,6 +71,11 @@ class NodeConfig:
     servers or proxies without blocking reads."""
     poll_s: float = 0.02
     mailbox_size: int = 256
+    max_in_flight: int = 1000
+    """Messages read from one partition and not yet handled; the reader waits beyond it."""
+    max_handling: int = 32
+    """Actors handling a message at the same time, over all partitions (keep it below the
+    client's `max_connections`)."""
     commit_batch: int = 64
     """Messages of one actor waiting in its mailbox are handled in turn and committed together,
     up to this many per script call."""
@@ -147,6 +152,9 @@ class Node:
         self.stopped = anyio.Event()
         self.sessions: dict[tuple[str, int], PartitionSession] = {}
         self.membership = Membership(system.client, system.keys)
+        # Bounds the actors handling at once, across partitions, below the client's connection
+        # pool: lease renewals and heartbeats must never wait behind a crowd of activations.
+        self.handling = anyio.CapacityLimiter(self.config.max_handling)
         self.members: list[str] = []
         self.share = 0
 
@@ -266,6 +274,7 @@ class PartitionSession:
         self._outbox_changed = anyio.Event()
         self.stopping = False
         self._stop_requested = anyio.Event()
+        self._in_flight = anyio.Semaphore(self.config.max_in_flight)
 
     def stop(self) -> None:
         """Hand the partition over: stop reading, finish the messages in hand, release."""
@@ -361,12 +370,14 @@ class PartitionSession:
             )
             self.mailboxes[key] = mailbox
             actors.start_soon(self._mailbox_loop, key, receive)
+        # Back-pressure: the reader waits while this many messages are in the mailboxes.
+        await self._in_flight.acquire()
         try:
             await mailbox.send(_Delivery(entry.id, data, deliveries, envelope, error))
         except anyio.BrokenResourceError:
             # The mailbox's task ended: on a graceful stop, or by an error that is tearing the
             # session down. The entry stays pending in the group for the partition's next owner.
-            return
+            self._in_flight.release()
 
     async def _mailbox_loop(self, key: str, receive: MemoryObjectReceiveStream[_Delivery]) -> None:
         loaded = _Loaded()
@@ -393,10 +404,15 @@ class PartitionSession:
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                if len(batch) == 1:
-                    await self._process(loaded, delivery)
-                else:
-                    await self._process_batch(loaded, batch)
+                try:
+                    async with self.node.handling:
+                        if len(batch) == 1:
+                            await self._process(loaded, delivery)
+                        else:
+                            await self._process_batch(loaded, batch)
+                finally:
+                    for _ in batch:
+                        self._in_flight.release()
 
     # Handling.
 
