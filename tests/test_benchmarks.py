@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from benchmarks.bench_runtime import task_queues_installed
 from benchmarks.harness import (
     WARMUP_ROUNDS,
     Benchmark,
@@ -206,6 +207,41 @@ async def test_a_quick_run_gives_results_for_every_variant() -> None:
     markdown = render_markdown(report)
     for benchmark in seen:
         assert f"eventstore · {benchmark.name}" in markdown
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_a_quick_runtime_run_gives_results_for_every_variant() -> None:
+    runtime = discover()["runtime"]
+    seen: list[Benchmark] = []
+
+    @asynccontextmanager
+    async def recording(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
+        async with runtime.factory(env) as benchmarks:
+            seen.extend(benchmarks)
+            yield benchmarks
+
+    report = await run_suites(
+        [Suite("runtime", "", recording)], rounds=1, quick=True, console=_quiet()
+    )
+
+    expected = {
+        (benchmark.name, variant.name) for benchmark in seen for variant in benchmark.variants
+    }
+    names = [benchmark.name for benchmark in seen]
+    # Throughput at three actor counts, two offered loads, two activations, and the task
+    # queues when the bench extra is installed.
+    queues = task_queues_installed()
+    assert len(seen) == 7 + queues, names
+    assert any("task queues" in name for name in names) == queues
+    assert {(result.benchmark, result.variant) for result in report.results} == expected
+    for result in report.results:
+        assert len(result.rates) == 1
+        assert result.rates[0] > 0
+        assert (result.p50 is None) == (result.latency_of is None)
+    markdown = render_markdown(report)
+    for benchmark in seen:
+        assert f"runtime · {benchmark.name}" in markdown
 
 
 @pytest.mark.integration

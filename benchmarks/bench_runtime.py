@@ -1,0 +1,981 @@
+"""Runtime: a real node end to end, latency, activation; vs raw redis-py, Dramatiq, Celery.
+
+The actor is an event-sourced counter: each `Add` command becomes one `Added` event. Every
+message goes send (XADD) -> read (XREADGROUP) -> handled -> committed (one EVALSHA of
+`commit.lua`: event, handled message, dedupe id, XACK) in both the node and its raw baseline.
+
+The raw baseline (`RawNode`) is the node's Redis work written by hand with no framework: one
+reader per partition reading batches of `read_count`, one task per actor fed by a bounded
+asyncio.Queue (serial within an actor, concurrent across actors), activation by HGET of the snapshot
+and XRANGE of the events on an actor's first message, then per message one msgspec decode of
+the envelope, one msgspec encode of the event record and one EVALSHA of the same commit script
+with the same keys and arguments (epoch check included).
+
+Each round of a node or raw variant works in an application namespace of its own (fresh keys,
+fresh consumer groups), starts its runtime before the clock and stops it after, and empties
+the database once its checks are done, so that 100,000-actor rounds do not pile up in memory.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any, cast
+from urllib.parse import urlsplit
+
+import anyio
+import msgspec
+import redis.asyncio
+
+from benchmarks.harness import Benchmark, Environment, Sample, Variant, sequential
+from repertory.actors.model import Actor, Context, applier, command
+from repertory.runtime.node import Node, NodeConfig
+from repertory.runtime.system import ActorSystem, rebuild
+from repertory.schemas import schema
+from repertory.streams.client import ClientConfig, RedisClient, create_client
+from repertory.streams.eventstore import EVENT_FIELD, EventStore
+from repertory.streams.inbox import MESSAGE_FIELD
+from repertory.streams.keys import Address, KeyLayout
+from repertory.streams.partition import (
+    Commit,
+    CommitResult,
+    CommitStatus,
+    Partition,
+    SeenWindow,
+)
+
+KIND = "counter"
+PARTITIONS = 16
+ADD_TYPE = "bench.runtime.add"
+ADDED_TYPE = "bench.runtime.added"
+COUNT_TYPE = "bench.runtime.count"
+RAW_TARGET = 0.4
+QUEUE_TARGET = 10.0
+SENDERS = 16
+"""Concurrent senders in the throughput rounds (async tasks; threads for Dramatiq and Celery)."""
+QUEUE_SENDER_THREADS = 4
+QUEUE_WORKER_THREADS = 8
+EVENT_CHECK_ACTORS = 1000
+"""Up to this many actors, a round also checks every actor's event count (off the clock)."""
+LATENCY_LOADS = (1000, 1500)
+ACTIVATION_SNAPSHOT_LAG = 99
+"""Events written after the snapshot: the most a `snapshot_every = 100` actor ever replays."""
+READ_BATCH = 1000
+POLL_S = 0.005
+"""How often a round's end is checked for once everything is sent: negligible next to rounds
+of seconds, and cheap (one pipelined round trip)."""
+
+NODE_CONFIG = NodeConfig()
+# A quick run stops a node every round; short blocking reads make those stops (off the clock)
+# fast. Under load a read returns at once either way.
+QUICK_NODE_CONFIG = NodeConfig(block_ms=100)
+SEEN = SeenWindow()
+COMMIT_BATCH: int = getattr(NODE_CONFIG, "commit_batch", 1)
+"""Messages of one actor committed per script call, as many as the node commits at most."""
+
+# The node's commit script (repertory/streams/scripts/commit.lua, batched form), copied so that
+# the baseline keeps its argument layout whatever the node's script turns into. Per message:
+# XADD event(s), XADD handled message, ZADD seen; per call: epoch check, dedupe checks,
+# version check, seen-set trimming, XACK + XDEL of the batch's inbox entries.
+RAW_COMMIT = """
+local function ack(entry_ids)
+  if #entry_ids > 0 then
+    redis.call('XACK', KEYS[3], ARGV[1], unpack(entry_ids))
+    redis.call('XDEL', KEYS[3], unpack(entry_ids))
+  end
+end
+if ARGV[2] ~= '' then
+  local epoch = redis.call('GET', KEYS[5])
+  if epoch ~= ARGV[2] then return {-2, epoch or ''} end
+end
+local count = tonumber(ARGV[7])
+local starts = {}
+local in_batch = {}
+local i = 8
+for m = 1, count do
+  starts[m] = i
+  if in_batch[ARGV[i + 1]] or redis.call('ZSCORE', KEYS[4], ARGV[i + 1]) then
+    if count == 1 then
+      local entry_ids = {}
+      if ARGV[i] ~= '' then entry_ids[1] = ARGV[i] end
+      ack(entry_ids)
+    end
+    return {-1, m}
+  end
+  in_batch[ARGV[i + 1]] = true
+  i = i + 4
+  i = i + tonumber(ARGV[i]) + 1
+  i = i + tonumber(ARGV[i]) + 1
+  i = i + 2 * tonumber(ARGV[i]) + 1
+  i = i + 3 * tonumber(ARGV[i]) + 1
+end
+local version = redis.call('XLEN', KEYS[1])
+if version ~= tonumber(ARGV[3]) then return {0, version} end
+local now = tonumber(ARGV[4])
+local entry_ids = {}
+for m = 1, count do
+  i = starts[m]
+  local entry_id, dedupe_id, handled, rejected = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local before = version
+  i = i + 4
+  local n = tonumber(ARGV[i])
+  for j = 1, n do
+    version = version + 1
+    redis.call('XADD', KEYS[1], version .. '-0', 'e', ARGV[i + j])
+  end
+  i = i + n + 1
+  redis.call('XADD', KEYS[2], '*', 'm', handled, 'at', ARGV[4], 'from', before, 'to', version,
+    'rejected', rejected)
+  n = tonumber(ARGV[i])
+  for j = 1, n do redis.call('XADD', KEYS[3], '*', 'm', ARGV[i + j]) end
+  i = i + n + 1
+  n = tonumber(ARGV[i])
+  for j = 1, n do redis.call('ZADD', KEYS[7], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+  i = i + 2 * n + 1
+  n = tonumber(ARGV[i])
+  for j = 1, n do
+    local at = i + 3 * j - 2
+    redis.call('XADD', KEYS[6], '*', 'due', ARGV[at], 'to', ARGV[at + 1], 'm', ARGV[at + 2])
+  end
+  redis.call('ZADD', KEYS[4], now, dedupe_id)
+  if entry_id ~= '' then entry_ids[#entry_ids + 1] = entry_id end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[5]))
+local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[6])
+if excess > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1) end
+ack(entry_ids)
+return {1, version}
+"""
+
+
+@schema(ADD_TYPE)
+class Add(msgspec.Struct, frozen=True, gc=False):
+    amount: int
+
+
+@schema(ADDED_TYPE)
+class Added(msgspec.Struct, frozen=True, gc=False):
+    amount: int
+
+
+@schema(COUNT_TYPE)
+class Count(msgspec.Struct, frozen=True, gc=False):
+    count: int = 0
+    total: int = 0
+
+
+class Counter(Actor[Count]):
+    kind = KIND
+    initial = Count()
+
+    @command
+    def add(self, state: Count, cmd: Add, ctx: Context) -> Added:
+        return Added(cmd.amount)
+
+    @applier
+    def added(self, state: Count, event: Added) -> Count:
+        return Count(state.count + 1, state.total + event.amount)
+
+
+# The wire shapes of the envelope and the event record, written by hand with typed payloads
+# (as bench_eventstore does): one msgspec pass each way.
+
+
+class RawEnvelope(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
+    id: str
+    type: str
+    schema_version: Annotated[int, msgspec.Meta(ge=1)]
+    target: str
+    payload: Add
+    created_at: Annotated[int, msgspec.Meta(ge=0)]
+    idempotency_key: str | None = None
+    content_type: str = "application/msgpack"
+
+
+class RawEventRecord(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
+    type: str
+    schema_version: Annotated[int, msgspec.Meta(ge=1)]
+    payload: Added
+    recorded_at: Annotated[int, msgspec.Meta(ge=0)]
+    causation_id: str | None = None
+    correlation_id: str | None = None
+    content_type: str = "application/msgpack"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+Delivery = tuple[bytes, bytes, RawEnvelope]
+"""An inbox entry's id, its data as read, and its decoded envelope."""
+Send = Callable[[Address, int, str | None], Awaitable[object]]
+"""Sends `Add(amount)` to an actor, with an idempotency key or none."""
+OnCommit = Callable[[str], None]
+"""Told the dedupe id (the idempotency key, else the message id) of each committed message,
+as soon as the script call that committed it returns."""
+
+
+def _alive() -> None:
+    """A runtime that recovers from its own errors (the node) has nothing to report."""
+
+
+@dataclass(frozen=True, slots=True)
+class Driver:
+    """A running runtime: how to send to it, and `check()`, which raises the error that
+    stopped it, so that a round fails at once instead of waiting out its deadline."""
+
+    send: Send
+    check: Callable[[], None] = _alive
+
+
+Runtime = Callable[[str, OnCommit | None], AbstractAsyncContextManager[Driver]]
+"""Runs a node (or its raw equivalent) on an application namespace until the context exits."""
+
+
+async def _until(
+    condition: Callable[[], Awaitable[bool]], *, timeout: float, what: str, every: float = POLL_S
+) -> None:
+    """Wait for `condition` with a deadline: a stuck round fails instead of hanging."""
+    with anyio.move_on_after(timeout):
+        # The condition is held in Redis or by worker threads: there is no event to wait on.
+        while not await condition():  # noqa: ASYNC110
+            await anyio.sleep(every)
+        return
+    raise RuntimeError(f"{what}: not reached within {timeout:.0f} s")
+
+
+def _check(what: str, actual: int, expected: int) -> None:
+    # A round that silently did less work than it claims would flatter itself.
+    if actual != expected:
+        raise RuntimeError(f"{what}: {actual}, expected {expected}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rig:
+    """What every round shares: the clients, and the server's unix socket."""
+
+    env: Environment
+    client: RedisClient
+    """repertory's own client (create_client), used by the node and ActorSystem."""
+    admin: "redis.asyncio.Redis"
+    """A plain client for the raw baseline, the round checks and the end-of-round polls."""
+    commit_sha: str
+    """The raw baseline's commit script, loaded."""
+
+    @property
+    def node_config(self) -> NodeConfig:
+        return QUICK_NODE_CONFIG if self.env.quick else NODE_CONFIG
+
+    async def committed(self, layout: KeyLayout) -> int:
+        """Messages committed in `layout`'s namespace: each commit adds its dedupe id to its
+        partition's seen-set, and no id repeats within a round."""
+        pipeline = self.admin.pipeline(transaction=False)
+        for number in range(PARTITIONS):
+            pipeline.zcard(layout.seen(KIND, number))
+        return sum(int(count) for count in await pipeline.execute())
+
+    async def lengths(self, keys: Sequence[str]) -> int:
+        total = 0
+        for start in range(0, len(keys), 10_000):
+            pipeline = self.admin.pipeline(transaction=False)
+            for key in keys[start : start + 10_000]:
+                pipeline.xlen(key)
+            total += sum(int(length) for length in await pipeline.execute())
+        return total
+
+    async def check_round(
+        self, layout: KeyLayout, addresses: Sequence[Address], messages: int
+    ) -> None:
+        """Off the clock: every message committed once, nothing left or dead-lettered."""
+        _check(f"committed in {layout.app}", await self.committed(layout), messages)
+        inboxes = [layout.inbox(KIND, number) for number in range(PARTITIONS)]
+        _check(f"inbox entries left in {layout.app}", await self.lengths(inboxes), 0)
+        dead = [layout.dead_letters(KIND, number) for number in range(PARTITIONS)]
+        _check(f"dead letters in {layout.app}", await self.lengths(dead), 0)
+        if len(addresses) <= EVENT_CHECK_ACTORS:
+            events = [layout.events(address) for address in addresses]
+            _check(f"events in {layout.app}", await self.lengths(events), messages)
+
+    async def wait_committed(self, layout: KeyLayout, messages: int, driver: Driver) -> None:
+        async def done() -> bool:
+            driver.check()
+            return await self.committed(layout) >= messages
+
+        await _until(done, timeout=60 + messages / 200, what=f"{messages:,} commits")
+
+
+# The node.
+
+
+def _commits(values: Iterable[object]) -> Iterator[Commit]:
+    """The `Commit`s among a call's arguments, whether passed alone or in a sequence."""
+    for value in values:
+        if isinstance(value, Commit):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from _commits(value)
+
+
+class ObservedPartition(Partition):
+    """A partition that reports each message it committed as soon as the script returns: the
+    latency rounds' "committed" instant, taken where the node's own commit call returns."""
+
+    def __init__(self, on_commit: OnCommit, *args: Any) -> None:
+        super().__init__(*args)
+        self.on_commit = on_commit
+
+    async def commit(self, *args: Any, **kwargs: Any) -> CommitResult:
+        result = await super().commit(*args, **kwargs)
+        if result.status is CommitStatus.COMMITTED:
+            for commit in _commits([*args, *kwargs.values()]):
+                self.on_commit(commit.dedupe_id)
+        return result
+
+
+class ObservedSystem(ActorSystem):
+    def __init__(self, on_commit: OnCommit, *, app: str, client: RedisClient) -> None:
+        super().__init__(Counter(), app=app, partitions=PARTITIONS, client=client)
+        self.on_commit = on_commit
+
+    def partition(self, kind: str, number: int) -> Partition:
+        return ObservedPartition(self.on_commit, self.client, self.keys, kind, number)
+
+
+@asynccontextmanager
+async def repertory_runtime(
+    rig: Rig, app: str, on_commit: OnCommit | None
+) -> AsyncIterator[Driver]:
+    """A real `Node` with default settings serving a `Counter` system; sends go through
+    `ActorSystem.send`."""
+    system: ActorSystem
+    if on_commit is None:
+        system = ActorSystem(Counter(), app=app, partitions=PARTITIONS, client=rig.client)
+    else:
+        system = ObservedSystem(on_commit, app=app, client=rig.client)
+    node = Node(system, rig.node_config)
+
+    async def send(address: Address, amount: int, key: str | None) -> None:
+        await system.send(address, Add(amount), idempotency_key=key)
+
+    async with anyio.create_task_group() as group:
+        await group.start(node.run)
+
+        async def serving() -> bool:
+            return len(node.sessions) == PARTITIONS
+
+        await _until(serving, timeout=30, what="the node holding every partition")
+        try:
+            yield Driver(send)
+        finally:
+            node.stop()
+            await node.stopped.wait()
+
+
+# The same work by hand.
+
+
+class RawNode:
+    """The node's Redis work with no framework; see the module's docstring."""
+
+    def __init__(
+        self,
+        client: "redis.asyncio.Redis",
+        layout: KeyLayout,
+        commit_sha: str,
+        on_commit: OnCommit | None,
+        config: NodeConfig,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.layout = layout
+        self.commit_sha = commit_sha
+        self.on_commit = on_commit
+        self.group = layout.group(KIND)
+        self.consumer = f"raw-{uuid.uuid4().hex[:6]}"
+        self.epoch = "1"
+        self.mailboxes: dict[str, asyncio.Queue[Delivery]] = {}
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
+        self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
+
+    async def prepare(self) -> None:
+        """What the node does before reading: the consumer groups, and an epoch (the lease)."""
+        for number in range(PARTITIONS):
+            inbox = self.layout.inbox(KIND, number)
+            await self.client.xgroup_create(inbox, self.group, id="0", mkstream=True)
+            await self.client.set(self.layout.epoch(KIND, number), self.epoch)
+
+    async def send(self, address: Address, amount: int, key: str | None) -> None:
+        envelope = RawEnvelope(
+            id=str(uuid.uuid4()),
+            type=ADD_TYPE,
+            schema_version=1,
+            target=str(address),
+            payload=Add(amount),
+            created_at=_now_ms(),
+            idempotency_key=key,
+        )
+        inbox = self.layout.inbox_of(address)
+        await self.client.xadd(inbox, {MESSAGE_FIELD: self._encode(envelope)})
+
+    async def read(self, number: int, actors: asyncio.TaskGroup) -> None:
+        inbox = self.layout.inbox(KIND, number)
+        while True:
+            response = await self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                {inbox: ">"},
+                count=self.config.read_count,
+                block=self.config.block_ms,
+            )
+            if not response:
+                continue
+            for entry_id, fields in response[0][1]:
+                data = fields[MESSAGE_FIELD]
+                envelope = self._decode(data)
+                mailbox = self.mailboxes.get(envelope.target)
+                if mailbox is None:
+                    mailbox = asyncio.Queue(self.config.mailbox_size)
+                    self.mailboxes[envelope.target] = mailbox
+                    actors.create_task(self.actor(Address.parse(envelope.target), mailbox))
+                await mailbox.put((entry_id, data, envelope))
+
+    async def actor(self, address: Address, mailbox: "asyncio.Queue[Delivery]") -> None:
+        layout, client = self.layout, self.client
+        number = layout.partition_of(address)
+        keys = [
+            layout.events(address),
+            layout.handled(address),
+            layout.inbox(KIND, number),
+            layout.seen(KIND, number),
+            layout.epoch(KIND, number),
+            layout.outbox(KIND, number),
+            layout.timers(KIND, number),
+        ]
+        # Activation, as the node does it: the snapshot, then the events after it.
+        state = Count()
+        version = 0
+        await client.hget(layout.snapshots_of(address), address.id)
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await client.xrange(keys[0], "1-0", "+", count=READ_BATCH),
+        )
+        for _entry_id, fields in entries:
+            event = self._decode_event(fields[EVENT_FIELD]).payload
+            state = Count(state.count + 1, state.total + event.amount)
+            version += 1
+        encode, sha, group, epoch = self._encode, self.commit_sha, self.group, self.epoch
+        while True:
+            # What is waiting in the mailbox is committed together, as the node does.
+            batch = [await mailbox.get()]
+            while len(batch) < COMMIT_BATCH and not mailbox.empty():
+                batch.append(mailbox.get_nowait())
+            now = _now_ms()
+            args: list[object] = [
+                group, epoch, version, now, SEEN.window_ms, SEEN.limit, len(batch)
+            ]  # fmt: skip
+            dedupe_ids = []
+            for entry_id, data, envelope in batch:
+                event = Added(envelope.payload.amount)
+                record = RawEventRecord(
+                    type=ADDED_TYPE,
+                    schema_version=1,
+                    payload=event,
+                    recorded_at=now,
+                    causation_id=envelope.id,
+                    correlation_id=envelope.id,
+                )
+                dedupe_id = envelope.idempotency_key or envelope.id
+                dedupe_ids.append(dedupe_id)
+                args.extend((entry_id, dedupe_id, data, "", 1, encode(record), 0, 0, 0))
+                state = Count(state.count + 1, state.total + event.amount)
+            status, version = await client.evalsha(sha, len(keys), *keys, *args)
+            if status != 1:
+                raise RuntimeError(f"raw commit of {address}: status {status}")
+            if self.on_commit is not None:
+                for dedupe_id in dedupe_ids:
+                    self.on_commit(dedupe_id)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as actors:
+            for number in range(PARTITIONS):
+                actors.create_task(self.read(number, actors))
+
+
+def _raise_if_failed(task: "asyncio.Task[None]") -> None:
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise RuntimeError("the raw runtime stopped") from task.exception()
+
+
+@asynccontextmanager
+async def raw_runtime(rig: Rig, app: str, on_commit: OnCommit | None) -> AsyncIterator[Driver]:
+    layout = KeyLayout(app, partitions=PARTITIONS)
+    raw = RawNode(rig.admin, layout, rig.commit_sha, on_commit, rig.node_config)
+    await raw.prepare()
+    running = asyncio.create_task(raw.run())
+    try:
+        yield Driver(raw.send, partial(_raise_if_failed, running))
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
+# Rounds.
+
+
+def _addresses(actors: int) -> list[Address]:
+    return [Address(KIND, f"c{index}") for index in range(actors)]
+
+
+async def throughput_round(
+    rig: Rig, runtime: Runtime, app: str, actors: int, messages: int
+) -> Sample:
+    """`messages` sent round-robin to `actors` actors by `SENDERS` concurrent senders while the
+    runtime handles them; the clock stops when the last one is committed."""
+    layout = KeyLayout(app, partitions=PARTITIONS)
+    addresses = _addresses(actors)
+    clock = time.perf_counter
+    async with runtime(app, None) as driver:
+        send = driver.send
+
+        async def sender(first: int) -> None:
+            for index in range(first, messages, SENDERS):
+                await send(addresses[index % actors], 1, None)
+
+        start = clock()
+        async with anyio.create_task_group() as group:
+            for first in range(SENDERS):
+                group.start_soon(sender, first)
+        await rig.wait_committed(layout, messages, driver)
+        seconds = clock() - start
+    await rig.check_round(layout, addresses, messages)
+    await rig.admin.flushall()
+    return Sample(messages, seconds)
+
+
+async def latency_round(
+    rig: Rig, runtime: Runtime, app: str, rate: int, messages: int, actors: int
+) -> Sample:
+    """`messages` sent at `rate` per second on an open-loop schedule (a late send does not
+    delay the next ones), each to the next of `actors` actors, all activated by one message
+    each beforehand; a message's latency runs from just before its XADD to the return of the
+    script call that commits it. Messages carry an idempotency key (their dedupe id), so that
+    each commit can be matched to its send."""
+    layout = KeyLayout(app, partitions=PARTITIONS)
+    addresses = _addresses(actors)
+    clock = time.perf_counter
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+
+    def committed(key: str) -> None:
+        latencies.append(clock() - sent.pop(key))
+
+    async def one(index: int, send: Send) -> None:
+        key = f"m{index}"
+        sent[key] = clock()
+        await send(addresses[index % actors], 1, key)
+
+    async with runtime(app, committed) as driver:
+        send = driver.send
+        async with anyio.create_task_group() as group:
+            for index in range(actors):
+                group.start_soon(one, -1 - index, send)
+        await rig.wait_committed(layout, actors, driver)
+        latencies.clear()
+
+        start = clock()
+        async with anyio.create_task_group() as group:
+            for index in range(messages):
+                delay = start + index / rate - clock()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                group.start_soon(one, index, send)
+        await rig.wait_committed(layout, actors + messages, driver)
+        seconds = clock() - start
+    _check(f"latencies measured in {app}", len(latencies), messages)
+    await rig.check_round(layout, addresses, actors + messages)
+    await rig.admin.flushall()
+    return Sample(messages, seconds, latencies)
+
+
+# Benchmarks.
+
+
+def _runtimes(rig: Rig) -> tuple[Runtime, Runtime]:
+    def node(app: str, on_commit: OnCommit | None) -> AbstractAsyncContextManager[Driver]:
+        return repertory_runtime(rig, app, on_commit)
+
+    def raw(app: str, on_commit: OnCommit | None) -> AbstractAsyncContextManager[Driver]:
+        return raw_runtime(rig, app, on_commit)
+
+    return node, raw
+
+
+def _throughput(rig: Rig, actors: int, messages: int, tag: str) -> Benchmark:
+    node, raw = _runtimes(rig)
+
+    async def repertory_round(round_index: int) -> Sample:
+        return await throughput_round(rig, node, f"t{tag}n{round_index}", actors, messages)
+
+    async def raw_round(round_index: int) -> Sample:
+        return await throughput_round(rig, raw, f"t{tag}r{round_index}", actors, messages)
+
+    return Benchmark(
+        name=f"end to end, {actors:,} actor{'s' if actors > 1 else ''}",
+        description=(
+            f"{messages:,} messages sent by {SENDERS} concurrent senders to {actors:,} counter "
+            "actors, each handled and committed with its event; until the last commit"
+        ),
+        unit="msgs",
+        variants=[
+            Variant("raw redis-py", raw_round, baseline=True),
+            Variant("repertory node", repertory_round, target=RAW_TARGET),
+        ],
+    )
+
+
+def _latency(rig: Rig, rate: int, messages: int, actors: int) -> Benchmark:
+    node, raw = _runtimes(rig)
+
+    async def repertory_round(round_index: int) -> Sample:
+        return await latency_round(rig, node, f"l{rate}n{round_index}", rate, messages, actors)
+
+    async def raw_round(round_index: int) -> Sample:
+        return await latency_round(rig, raw, f"l{rate}r{round_index}", rate, messages, actors)
+
+    return Benchmark(
+        name=f"latency at {rate:,} msg/s",
+        description=(f"{messages:,} messages offered at {rate:,}/s to {actors:,} active actors"),
+        unit="msgs",
+        latency_of="message, send to committed",
+        variants=[
+            Variant("raw redis-py", raw_round, baseline=True),
+            Variant("repertory node", repertory_round),
+        ],
+    )
+
+
+# Dramatiq and Celery: no-op tasks on the same server, workers as threads of this process.
+
+
+class Tally:
+    """Tasks done, counted from worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.value = 0
+
+
+async def _threads(count: int, work: Callable[[int], None]) -> None:
+    """Run `work(i)` for i in 0..count-1 on worker threads at once."""
+    async with anyio.create_task_group() as group:
+        for index in range(count):
+            group.start_soon(anyio.to_thread.run_sync, work, index)
+
+
+async def _drained(tally: Tally, messages: int) -> None:
+    async def done() -> bool:
+        return tally.value >= messages
+
+    await _until(done, timeout=60 + messages / 100, what=f"{messages:,} tasks")
+
+
+class DramatiqRig:
+    def __init__(self, env: Environment) -> None:
+        self.url = env.url
+        self.tally = Tally()
+
+    async def round(self, messages: int) -> Sample:
+        import dramatiq
+        from dramatiq.brokers.redis import RedisBroker
+
+        # A broker per round: a worker registers itself on its broker for good, and a second
+        # worker on the same broker would inherit the first one's hooks.
+        broker = RedisBroker(url=self.url)  # type: ignore[no-untyped-call]
+        tally = self.tally
+
+        def noop() -> None:
+            tally.add()
+
+        send = dramatiq.actor(actor_name="bench_noop", broker=broker, max_retries=0)(noop).send
+        tally.reset()
+        worker = dramatiq.Worker(broker, worker_threads=QUEUE_WORKER_THREADS)
+        worker.start()
+
+        def enqueue(first: int) -> None:
+            for _ in range(first, messages, QUEUE_SENDER_THREADS):
+                send()
+
+        clock = time.perf_counter
+        try:
+            start = clock()
+            await _threads(QUEUE_SENDER_THREADS, enqueue)
+            await _drained(tally, messages)
+            seconds = clock() - start
+        finally:
+            await anyio.to_thread.run_sync(worker.stop)
+            broker.close()
+        _check("dramatiq tasks done", tally.value, messages)
+        return Sample(messages, seconds)
+
+    def close(self) -> None:
+        """Each round closes its own broker."""
+
+
+def _celery_url(url: str) -> str:
+    """kombu names a unix socket `redis+socket://PATH`."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"redis+socket://{parts.path}"
+    return url
+
+
+class CeleryRig:
+    def __init__(self, env: Environment) -> None:
+        from celery import Celery
+
+        self.app = Celery("bench", broker=_celery_url(env.url), set_as_current=False)
+        self.app.conf.update(
+            task_ignore_result=True,
+            broker_connection_retry_on_startup=True,
+            worker_hijack_root_logger=False,
+            worker_send_task_events=False,
+        )
+        self.tally = Tally()
+        tally = self.tally
+
+        def noop() -> None:
+            tally.add()
+
+        self.task = self.app.task(name="bench_noop", ignore_result=True)(noop)
+
+    async def round(self, messages: int) -> Sample:
+        from celery.contrib.testing.worker import start_worker
+
+        self.tally.reset()
+        send = self.task.delay
+        clock = time.perf_counter
+        starter = start_worker(
+            self.app,
+            concurrency=QUEUE_WORKER_THREADS,
+            pool="threads",
+            perform_ping_check=False,
+            loglevel="WARNING",
+        )
+        await anyio.to_thread.run_sync(starter.__enter__)
+        try:
+
+            def enqueue(first: int) -> None:
+                for _ in range(first, messages, QUEUE_SENDER_THREADS):
+                    send()
+
+            start = clock()
+            await _threads(QUEUE_SENDER_THREADS, enqueue)
+            await _drained(self.tally, messages)
+            seconds = clock() - start
+        finally:
+            await anyio.to_thread.run_sync(starter.__exit__, None, None, None)
+        _check("celery tasks done", self.tally.value, messages)
+        return Sample(messages, seconds)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def task_queues_installed() -> bool:
+    """Whether the `bench` extra (Dramatiq, Celery) is installed; without it the comparison
+    with task queues is left out of the suite."""
+    return all(importlib.util.find_spec(name) is not None for name in ("dramatiq", "celery"))
+
+
+def _task_queues(
+    rig: Rig, dramatiq_rig: DramatiqRig, celery_rig: CeleryRig, messages: int, actors: int
+) -> Benchmark:
+    node, _raw = _runtimes(rig)
+
+    async def repertory_round(round_index: int) -> Sample:
+        return await throughput_round(rig, node, f"qn{round_index}", actors, messages)
+
+    async def dramatiq_round(round_index: int) -> Sample:
+        return await dramatiq_rig.round(messages)
+
+    async def celery_round(round_index: int) -> Sample:
+        return await celery_rig.round(messages)
+
+    return Benchmark(
+        name="end to end vs task queues",
+        description=(
+            f"{messages:,} messages: repertory to {actors:,} counter actors, each committed "
+            "with its event; Dramatiq and Celery no-op tasks on their Redis brokers"
+        ),
+        unit="msgs",
+        variants=[
+            Variant("Dramatiq no-op", dramatiq_round, baseline=True),
+            Variant(f"repertory node, {actors:,} actors", repertory_round, target=QUEUE_TARGET),
+            Variant("Celery no-op", celery_round),
+        ],
+    )
+
+
+# Activation.
+
+
+class RawActivation:
+    """Rebuild by hand: HGET the snapshot, XRANGE the events after it in batches, one msgspec
+    decode per event (payload typed), fold."""
+
+    def __init__(self, client: "redis.asyncio.Redis", layout: KeyLayout) -> None:
+        self.client = client
+        self.layout = layout
+        self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
+
+    async def rebuild(self, address: Address) -> tuple[int, Count]:
+        state, version = Count(), 0
+        data = await self.client.hget(self.layout.snapshots_of(address), address.id)
+        if data is not None:
+            snapshot = msgspec.msgpack.decode(data, type=_RawSnapshot)
+            state, version = snapshot.payload, snapshot.version
+        key = self.layout.events(address)
+        decode = self._decode_event
+        lower = f"{version + 1}-0"
+        while True:
+            entries = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self.client.xrange(key, lower, "+", count=READ_BATCH),
+            )
+            count, total = state.count, state.total
+            for _entry_id, fields in entries:
+                total += decode(fields[EVENT_FIELD]).payload.amount
+                count += 1
+            state = Count(count, total)
+            version += len(entries)
+            if len(entries) < READ_BATCH:
+                return version, state
+            lower = "(" + entries[-1][0].decode()
+
+
+class _RawSnapshot(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    type: str
+    schema_version: int
+    version: int
+    taken_at: int
+    payload: Count
+    content_type: str = "application/msgpack"
+
+
+def _activation(rig: Rig, events: int, *, snapshot: bool) -> Benchmark:
+    layout = KeyLayout("act", partitions=PARTITIONS)
+    store = EventStore(rig.client, keys=layout, read_batch=READ_BATCH)
+    raw = RawActivation(rig.admin, layout)
+    counter = Counter()
+    address = Address(KIND, "history")
+    calls = rig.env.size(200, 20) if snapshot else rig.env.size(3, 2)
+    expected = Count(events, events)
+
+    async def write(version: int, upto: int) -> None:
+        while version < upto:
+            batch = [Added(1)] * min(READ_BATCH, upto - version)
+            version = await store.append(address, batch, version)
+
+    async def prepare() -> None:
+        if snapshot:
+            at = events - ACTIVATION_SNAPSHOT_LAG
+            await write(0, at)
+            # Every event adds 1, so the state at version v is Count(v, v).
+            await store.save_snapshot(address, Count(at, at), at)
+            await write(at, events)
+        else:
+            await write(0, events)
+
+    async def repertory_round(round_index: int) -> Sample:
+        async def call(index: int) -> None:
+            view = await rebuild(store, counter, address)
+            _check("version rebuilt", view.version, events)
+            if view.state != expected:
+                raise RuntimeError(f"rebuilt {view.state}, expected {expected}")
+
+        return await sequential(calls, call)
+
+    async def raw_round(round_index: int) -> Sample:
+        async def call(index: int) -> None:
+            version, state = await raw.rebuild(address)
+            _check("version rebuilt by hand", version, events)
+            if state != expected:
+                raise RuntimeError(f"rebuilt {state} by hand, expected {expected}")
+
+        return await sequential(calls, call)
+
+    how = (
+        f"from a snapshot at v{events - ACTIVATION_SNAPSHOT_LAG:,} + {ACTIVATION_SNAPSHOT_LAG} "
+        "events"
+        if snapshot
+        else "without a snapshot"
+    )
+    return Benchmark(
+        name=f"activation, {events:,} events, {'snapshot' if snapshot else 'no snapshot'}",
+        description=f"an actor with {events:,} events rebuilt {how}",
+        unit="activations",
+        latency_of="activation",
+        prepare=prepare,
+        variants=[
+            Variant("raw redis-py", raw_round, baseline=True),
+            Variant("repertory rebuild", repertory_round),
+        ],
+    )
+
+
+@asynccontextmanager
+async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
+    client = create_client(env.url)
+    # Plain redis-py, on a pool as large as repertory's client's (its default): thousands of
+    # actors committing at once queue for connections, as long as it takes, instead of failing.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        env.url, max_connections=ClientConfig(url=env.url).max_connections, timeout=None
+    )
+    admin = redis.asyncio.Redis.from_pool(pool)
+    rig = Rig(
+        env, client, admin, hashlib.sha1(RAW_COMMIT.encode(), usedforsecurity=False).hexdigest()
+    )
+    queues: list[Benchmark] = []
+    rigs: list[DramatiqRig | CeleryRig] = []
+    try:
+        if task_queues_installed():
+            dramatiq_rig, celery_rig = DramatiqRig(env), CeleryRig(env)
+            rigs += (dramatiq_rig, celery_rig)
+            messages = env.size(5_000, 200)
+            queues.append(_task_queues(rig, dramatiq_rig, celery_rig, messages, env.size(1000, 50)))
+        # The raw baseline calls its commit script by its SHA1 only.
+        await admin.script_load(RAW_COMMIT)
+        few = env.size(1000, 50)
+        many = env.size(100_000, 200)
+        latency_s = 0.1 if env.quick else 2.0
+        yield [
+            _throughput(rig, 1, env.size(10_000, 200), "1"),
+            _throughput(rig, few, env.size(10_000, 200), "k"),
+            _throughput(rig, many, many, "m"),
+            *queues,
+            *[_latency(rig, rate, round(rate * latency_s), few) for rate in LATENCY_LOADS],
+            _activation(rig, env.size(100_000, 2_500), snapshot=False),
+            _activation(rig, env.size(100_000, 2_500), snapshot=True),
+        ]
+    finally:
+        for queue_rig in rigs:
+            queue_rig.close()
+        await client.aclose()
+        await admin.aclose()
