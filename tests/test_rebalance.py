@@ -70,6 +70,14 @@ async def test_joining_and_leaving_nodes_rebalance_without_losing_messages(
         await eventually(lambda: share_is({"n1": 2, "n2": 2, "n3": 2}))
         await send_round()
 
+        # Six over four: the first members in order take the remainder.
+        fourth = await start(group, system, "n4")
+        await eventually(lambda: share_is({"n1": 2, "n2": 2, "n3": 1, "n4": 1}))
+        await send_round()
+        fourth.stop()
+        await fourth.stopped.wait()
+        await eventually(lambda: share_is({"n1": 2, "n2": 2, "n3": 2}))
+
         third.stop()
         await third.stopped.wait()
         second.stop()

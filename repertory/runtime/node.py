@@ -209,8 +209,10 @@ class Node:
     async def _heartbeat_once(self) -> None:
         members = await self.membership.heartbeat(self.node_id, self.config.lease_ttl_ms)
         self.members = members
-        # Partitions are spread evenly: no node takes more than its share of them.
-        self.share = -(-len(self._partitions) // max(1, len(members)))
+        # Partitions are spread evenly: the members, in order, take the remainder one each.
+        base, remainder = divmod(len(self._partitions), max(1, len(members)))
+        rank = members.index(self.node_id) if self.node_id in members else len(members)
+        self.share = base + (1 if rank < remainder else 0)
 
     async def _heartbeat(self) -> None:
         while True:
