@@ -200,7 +200,6 @@ async def rebuild(store: EventStore, actor: Actor[Any], address: Address) -> Act
     snapshot = await store.load_snapshot(address)
     if snapshot is not None:
         state, version = snapshot.state, snapshot.version
-    async for stored in store.read(address, start=version + 1):
-        state = actor.apply(state, stored.event)
-        version = stored.version
+    async for version, events in store.event_batches(address, start=version + 1):
+        state = actor.fold(state, events)
     return ActorView(version, state)

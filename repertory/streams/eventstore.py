@@ -167,6 +167,16 @@ class EventStore:
                 for entry_id, (record, event) in zip(entry_ids, decoded, strict=True):
                     yield StoredEvent(_version_of(entry_id), record, event)
 
+    async def event_batches(
+        self, address: Address, start: int = 1
+    ) -> AsyncIterator[tuple[int, list[msgspec.Struct]]]:
+        """The events from `start` on, a batch at a time, each batch with the version of its
+        last event: for folding state (activation), which needs neither records nor versions
+        of each event. Raises DecodeError at the first event that cannot be decoded."""
+        decode = self.codec.decode_events
+        async for entry_ids, records in self._batches(address, start, None):
+            yield _version_of(entry_ids[-1]), [event for _, event in decode(records)]
+
     async def save_snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
         record = self.codec.snapshot(state, version)
         await self.client.hset(
