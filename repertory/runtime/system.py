@@ -200,6 +200,7 @@ async def rebuild(store: EventStore, actor: Actor[Any], address: Address) -> Act
     snapshot = await store.load_snapshot(address)
     if snapshot is not None:
         state, version = snapshot.state, snapshot.version
-    async for version, events in store.event_batches(address, start=version + 1):
+    async for last_version, events in store.event_batches(address, start=version + 1):
         state = actor.fold(state, events)
+        version = last_version
     return ActorView(version, state)
