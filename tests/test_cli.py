@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import repertory.runtime.demo
+import repertory.runtime.agents_demo
 from repertory import __version__
 from repertory.runtime.cli import app
 from repertory.streams.embedded import EmbeddedServer
@@ -123,7 +123,7 @@ def test_demo_passes_its_options_to_run_demo(
     def record(url: str | None, data_dir: Path) -> None:
         calls.append((url, data_dir))
 
-    monkeypatch.setattr(repertory.runtime.demo, "run_demo", record)
+    monkeypatch.setattr(repertory.runtime.agents_demo, "run_demo", record)
     with_url = runner.invoke(
         app, ["demo", "--url", "redis://cache.local", "--data-dir", str(tmp_path)]
     )

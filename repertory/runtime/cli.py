@@ -190,8 +190,10 @@ def demo(
     ] = None,
     data_dir: DataDir = Path(".repertory"),
 ) -> None:
-    """Run the demo: an event-sourced bank account written, rebuilt and shown as a table."""
-    from repertory.runtime.demo import run_demo  # heavy imports only for this command
+    """Run the demo: a coordinator splits a project into 20 tasks, 4 worker processes do them,
+    one is killed mid-task and the health monitor recovers it; exit 1 unless every task
+    completed exactly once."""
+    from repertory.runtime.agents_demo import run_demo  # heavy imports only for this command
 
     with _reported():
         run_demo(url=url, data_dir=data_dir)

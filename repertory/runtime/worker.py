@@ -31,6 +31,8 @@ class WorkerConfig:
     max_attempts: int = 3
     block_ms: int = 500
     idle_polls_before_exit: int = 2
+    dead_letter: bool = True
+    """False when a coordinator re-queues failed tasks and dead-letters them itself."""
 
 
 class Worker:
@@ -112,7 +114,12 @@ class Worker:
             )
         else:
             settled = await queue.fail(
-                worker, entry, envelope, failure, max_attempts=self.config.max_attempts
+                worker,
+                entry,
+                envelope,
+                failure,
+                max_attempts=self.config.max_attempts,
+                dead_letter=self.config.dead_letter,
             )
             logger.warning("%s: task %s failed: %s", worker, envelope.id, failure)
         if settled:

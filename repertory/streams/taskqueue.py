@@ -13,7 +13,7 @@ from repertory.schemas.records import now_ms
 from repertory.streams.client import RedisClient
 from repertory.streams.inbox import Inbox, InboxEntry
 from repertory.streams.keys import KeyLayout
-from repertory.streams.scripts import SETTLE
+from repertory.streams.scripts import APPEND_ONCE, SETTLE
 
 WORKERS_GROUP = "workers"
 
@@ -50,6 +50,7 @@ class TaskQueue:
         self.tasks_key = f"{tag}:tasks"
         self.results_key = f"{tag}:results"
         self.dead_key = f"{tag}:dead"
+        self.appended_key = f"{tag}:appended"
         self.inbox = Inbox(client, self.tasks_key, WORKERS_GROUP)
         self._result_decoder = msgspec.msgpack.Decoder(TaskResult)
 
@@ -61,6 +62,22 @@ class TaskQueue:
         envelope = self.codec.envelope(f"queue/{self.name}", task, message_id=task_id)
         await self.inbox.add(self.codec.encode(envelope))
         return envelope.id
+
+    async def enqueue_once(self, task: msgspec.Struct, *, task_id: str) -> bool:
+        """Queue a task unless a task with this id was ever queued here: an enqueue that can be
+        repeated (by a follower of a coordinator's events). False if it was queued before."""
+        envelope = self.codec.envelope(f"queue/{self.name}", task, message_id=task_id)
+        data = self.codec.encode(envelope)
+        keys = [self.appended_key, self.tasks_key]
+        return bool(await APPEND_ONCE(self.client, keys, [f"task:{task_id}", data]))
+
+    async def dead_letter_once(self, task: msgspec.Struct, *, task_id: str) -> bool:
+        """Record a task that will not be tried again on the dead-letter stream, once per id
+        (why it failed is in the result and in the coordinator's log)."""
+        envelope = self.codec.envelope(f"queue/{self.name}", task, message_id=task_id)
+        data = self.codec.encode(envelope)
+        keys = [self.appended_key, self.dead_key]
+        return bool(await APPEND_ONCE(self.client, keys, [f"dead:{task_id}", data]))
 
     def decode(self, entry: InboxEntry) -> tuple[Envelope, msgspec.Struct]:
         """The task's envelope and payload (raises DecodeError for bad input)."""
@@ -96,9 +113,13 @@ class TaskQueue:
         error: str,
         *,
         max_attempts: int,
+        dead_letter: bool = True,
     ) -> bool:
         """A failed attempt: queue the task again while attempts remain, else dead-letter it
-        and record the failure as its result. False if another worker settled it."""
+        and record the failure as its result. False if another worker settled it.
+
+        With `dead_letter=False` the last failure is only a result: a coordinator that
+        re-queues failed tasks itself decides what is dead."""
         attempts = 1 if envelope is None else envelope.attempt + 1
         if envelope is not None and attempts < max_attempts:
             retry = msgspec.structs.replace(envelope, attempt=attempts)
@@ -112,13 +133,10 @@ class TaskQueue:
             finished_at=now_ms(),
             error=error,
         )
-        return await self._settle(
-            entry,
-            [
-                (self.dead_key, entry.data or b""),
-                (self.results_key, msgspec.msgpack.encode(result)),
-            ],
-        )
+        appends = [(self.results_key, msgspec.msgpack.encode(result))]
+        if dead_letter:
+            appends.insert(0, (self.dead_key, entry.data or b""))
+        return await self._settle(entry, appends)
 
     async def _settle(self, entry: InboxEntry, appends: list[tuple[str, bytes]]) -> bool:
         keys = [self.tasks_key, *(key for key, _ in appends)]

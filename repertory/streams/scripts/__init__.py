@@ -27,6 +27,7 @@ class Script:
 
 
 APPEND = Script("append")
+APPEND_ONCE = Script("append_once")
 COMMIT = Script("commit")
 DEAD_LETTER = Script("dead_letter")
 EXTEND = Script("extend")
