@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test soak lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The guarantee machines with the soak profile: 10,000 examples each (about an hour or more
+# on 2 cores); REPERTORY_SOAK_EXAMPLES=N runs N instead. Totals print at the end.
+soak: $(STAMP)
+	$(BIN)/pytest --hypothesis-profile=soak -q \
+		tests/test_guarantees.py tests/test_testkit.py -k "guarantees or passes_every_fault"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

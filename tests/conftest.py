@@ -1,7 +1,8 @@
-"""Fixtures shared by the tests: one real embedded valkey-server per session, a fresh fakeredis
+"""Fixtures shared by the tests: one real embedded valkey-server per session (the test kit's
+`repertory_server`, from the pytest plugin), a fresh fakeredis
 per test, and `redis`, which runs a test on both (ids "fake" and "real")."""
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import fakeredis
 import pytest
@@ -16,15 +17,10 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    """The session's server. Tests that kill or restart a server start their own instead."""
-    # A long temp path still works: EmbeddedServer then moves the socket under the temp folder.
-    server = EmbeddedServer(tmp_path_factory.mktemp("valkey"), appendfsync="always")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def embedded_server(repertory_server: EmbeddedServer) -> EmbeddedServer:
+    """The session's server (the test kit's `repertory_server`). Tests that kill or restart a
+    server start their own instead."""
+    return repertory_server
 
 
 @pytest.fixture(scope="session")
