@@ -707,7 +707,7 @@ class DramatiqRig:
 
         # A broker per round: a worker registers itself on its broker for good, and a second
         # worker on the same broker would inherit the first one's hooks.
-        broker = RedisBroker(url=self.url)  # type: ignore[no-untyped-call]
+        broker = RedisBroker(url=self.url)
         tally = self.tally
 
         def noop() -> None:
