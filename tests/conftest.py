@@ -1,14 +1,16 @@
 """Fixtures shared by the tests: one real embedded valkey-server per session (the test kit's
 `repertory_server`, from the pytest plugin), a fresh fakeredis
-per test, and `redis`, which runs a test on both (ids "fake" and "real")."""
+per test, a local three-master Cluster, and `redis`, which runs a test on all three (ids
+"fake", "real" and "cluster")."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import fakeredis
 import pytest
 
 from repertory.streams.client import RedisClient, create_client
 from repertory.streams.embedded import EmbeddedServer
+from tests.cluster import local_cluster
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +49,30 @@ async def fake_redis() -> AsyncIterator[RedisClient]:
         await client.aclose()
 
 
-@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.integration)])
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local three-master Redis Cluster for the session (started on first use)."""
+    with local_cluster(tmp_path_factory.mktemp("cluster")) as url:
+        yield url
+
+
+@pytest.fixture
+async def cluster_redis(cluster_url: str) -> AsyncIterator[RedisClient]:
+    client = create_client(cluster_url)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(
+    params=[
+        "fake",
+        pytest.param("real", marks=pytest.mark.integration),
+        pytest.param("cluster", marks=pytest.mark.integration),
+    ]
+)
 def redis(request: pytest.FixtureRequest) -> RedisClient:
     # Resolved by name at setup, so a "fake" test never starts the embedded server.
     client: RedisClient = request.getfixturevalue(f"{request.param}_redis")

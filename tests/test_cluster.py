@@ -2,8 +2,7 @@
 one hash slot, so sends, asks, batched commits, timers, the cross-partition relay, dead
 letters, rebalancing between nodes and rebuilt state all work there as on one server."""
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -12,19 +11,12 @@ from repertory.runtime.node import Node, NodeConfig
 from repertory.runtime.system import ActorSystem
 from repertory.streams.client import create_client
 from repertory.streams.keys import Address
-from tests.cluster import local_cluster
 from tests.support import eventually
 from tests.test_node import Account, Deposit, Explode, Remind, Transfer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 PARTITIONS = 6
-
-
-@pytest.fixture(scope="module")
-def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with local_cluster(Path(tmp_path_factory.mktemp("cluster"))) as url:
-        yield url
 
 
 @pytest.fixture
