@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repertory.runtime.agents_demo import DemoConfig, DemoReport, run_project
+from repertory.streams.client import create_client
 from repertory.streams.embedded import EmbeddedServer
 
 
@@ -36,17 +37,30 @@ async def measure(
     url: str, folder: Path, tasks: int, seconds: float, workers: Sequence[int], kills: int
 ) -> Results:
     logs = folder / "logs"
-    speedup = {}
-    for count in workers:
-        config = DemoConfig(tasks=tasks, workers=count, seconds=seconds, kill=False, log_dir=logs)
-        speedup[count] = _checked(await run_project(url, config))
-    detections = []
-    for _ in range(kills):
-        config = DemoConfig(tasks=tasks, workers=4, seconds=seconds, kill=True, log_dir=logs)
-        report = _checked(await run_project(url, config))
-        if report.victim is None or not report.detected_at_ms:
-            raise RuntimeError(f"{report.project_id}: no worker was killed, or none detected")
-        detections.append((report.detected_at_ms - report.killed_at_ms) / 1000)
+    client = create_client(url)
+
+    async def fresh_project(config: DemoConfig) -> DemoReport:
+        # Each run starts from an empty server: the health monitor's memory of earlier kills
+        # would otherwise put it in degraded mode, which refuses new projects (as it should).
+        await client.flushall()
+        return _checked(await run_project(url, config))
+
+    try:
+        speedup = {}
+        for count in workers:
+            config = DemoConfig(
+                tasks=tasks, workers=count, seconds=seconds, kill=False, log_dir=logs
+            )
+            speedup[count] = await fresh_project(config)
+        detections = []
+        for _ in range(kills):
+            config = DemoConfig(tasks=tasks, workers=4, seconds=seconds, kill=True, log_dir=logs)
+            report = await fresh_project(config)
+            if report.victim is None or not report.detected_at_ms:
+                raise RuntimeError(f"{report.project_id}: no worker was killed, or none detected")
+            detections.append((report.detected_at_ms - report.killed_at_ms) / 1000)
+    finally:
+        await client.aclose()
     return Results(tasks, seconds, speedup, detections)
 
 

@@ -38,6 +38,7 @@ from benchmarks.harness import Benchmark, Environment, Sample, Variant, sequenti
 from repertory.actors.model import Actor, Context, applier, command
 from repertory.runtime.node import Node, NodeConfig
 from repertory.runtime.system import ActorSystem, rebuild
+from repertory.runtime.worker import Worker, WorkerConfig
 from repertory.schemas import schema
 from repertory.streams.client import ClientConfig, RedisClient, create_client
 from repertory.streams.eventstore import EVENT_FIELD, EventStore
@@ -50,6 +51,7 @@ from repertory.streams.partition import (
     Partition,
     SeenWindow,
 )
+from repertory.streams.taskqueue import TaskQueue
 
 KIND = "counter"
 PARTITIONS = 16
@@ -798,6 +800,38 @@ class CeleryRig:
         self.app.close()
 
 
+async def task_queue_round(rig: Rig, round_index: int, messages: int) -> Sample:
+    """repertory's own task queue (R5): no-op tasks enqueued by QUEUE_SENDER_THREADS
+    concurrent senders, taken by QUEUE_WORKER_THREADS workers of this process, each task
+    settled with a result; the clock runs from the first enqueue until the last result."""
+    queue = TaskQueue(rig.client, f"bench-{round_index}-{uuid.uuid4().hex[:6]}")
+    await queue.ensure()
+
+    async def noop(task: msgspec.Struct) -> None:
+        return None
+
+    async def enqueue(first: int) -> None:
+        for _ in range(first, messages, QUEUE_SENDER_THREADS):
+            await queue.enqueue(Add(1))
+
+    async def all_settled() -> bool:
+        return int(await rig.client.xlen(queue.results_key)) >= messages
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for index in range(QUEUE_WORKER_THREADS):
+            worker = Worker(queue, noop, WorkerConfig(worker_id=f"w{index}", block_ms=50))
+            group.start_soon(worker.run)
+        async with anyio.create_task_group() as senders:
+            for first in range(QUEUE_SENDER_THREADS):
+                senders.start_soon(enqueue, first)
+        await _until(all_settled, timeout=60 + messages / 100, what=f"{messages:,} tasks")
+        seconds = time.perf_counter() - start
+        group.cancel_scope.cancel()
+    await rig.client.delete(queue.tasks_key, queue.results_key, queue.dead_key)
+    return Sample(messages, seconds)
+
+
 def task_queues_installed() -> bool:
     """Whether the `bench` extra (Dramatiq, Celery) is installed; without it the comparison
     with task queues is left out of the suite."""
@@ -818,6 +852,9 @@ def _task_queues(
     async def celery_round(round_index: int) -> Sample:
         return await celery_rig.round(messages)
 
+    async def queue_round(round_index: int) -> Sample:
+        return await task_queue_round(rig, round_index, messages)
+
     return Benchmark(
         name="end to end vs task queues",
         description=(
@@ -829,6 +866,7 @@ def _task_queues(
             Variant("Dramatiq no-op", dramatiq_round, baseline=True),
             Variant(f"repertory node, {actors:,} actors", repertory_round, target=QUEUE_TARGET),
             Variant("Celery no-op", celery_round),
+            Variant("repertory task queue no-op", queue_round),
         ],
     )
 

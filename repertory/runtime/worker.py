@@ -64,11 +64,24 @@ class Worker:
         task_status.started()
         idle_polls = 0
         visibility_ms = round(self.config.visibility_timeout_s * 1000)
+        # Dead workers' tasks can only be claimed once their visibility lapses: looking for
+        # them a few times per timeout (and whenever the queue looks empty) is enough.
+        reclaim_every_s = self.config.visibility_timeout_s / 4
+        next_reclaim = 0.0
+        busy = False
         while True:
-            reclaimed = await self.queue.inbox.autoclaim(self.worker_id, visibility_ms, count=1)
-            entries = reclaimed.entries or await self.queue.inbox.read(
-                self.worker_id, count=1, block_ms=self.config.block_ms
-            )
+            entries: list[InboxEntry] = []
+            if not busy or anyio.current_time() >= next_reclaim:
+                next_reclaim = anyio.current_time() + reclaim_every_s
+                reclaimed = await self.queue.inbox.autoclaim(
+                    self.worker_id, visibility_ms, count=1
+                )
+                entries = reclaimed.entries
+            if not entries:
+                entries = await self.queue.inbox.read(
+                    self.worker_id, count=1, block_ms=self.config.block_ms
+                )
+            busy = bool(entries)
             if entries:
                 idle_polls = 0
                 for entry in entries:
