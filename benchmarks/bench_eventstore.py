@@ -3,11 +3,14 @@
 The raw variants send the same commands with no framework: the same Lua script text by its
 SHA1, the same stream key, one msgspec pass to encode or decode a struct that mirrors the
 event record with its payload typed. They check what the event store checks (a refused append,
-the number of events read), so both sides do the same work apart from the framework.
+the number of events read), so both sides do the same work apart from the framework. Both use
+a client made by `create_client` (a bounded blocking pool, socket timeouts, retries), so the
+ratios are the framework's own cost; the sequential append also runs on a default redis-py
+client, to show what those production settings cost per command.
 """
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, cast
 
@@ -145,15 +148,18 @@ def _check(what: str, actual: int, expected: int) -> None:
 @asynccontextmanager
 async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
     client = create_client(env.url)
-    raw_client = redis.asyncio.Redis.from_url(env.url)
+    raw_client = create_client(env.url)
+    default_client = redis.asyncio.Redis.from_url(env.url)
     layout = KeyLayout()
     store = EventStore(client, keys=layout, read_batch=READ_BATCH)
     raw = RawStore(raw_client)
+    default = RawStore(default_client)
     events = _events(EVENT_POOL)
     try:
         await raw.load_script()
+        await default.load_script()
         yield [
-            _append_sequential(env, store, raw, layout, events),
+            _append_sequential(env, store, raw, default, layout, events),
             _append_concurrent(env, store, raw, layout, events),
             _append_batched(env, store, raw, layout, events),
             _replay(env, store, raw, layout, events),
@@ -161,10 +167,16 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
     finally:
         await client.aclose()
         await raw_client.aclose()
+        await default_client.aclose()
 
 
 def _append_sequential(
-    env: Environment, store: EventStore, raw: RawStore, layout: KeyLayout, events: list[Deposited]
+    env: Environment,
+    store: EventStore,
+    raw: RawStore,
+    default: RawStore,
+    layout: KeyLayout,
+    events: list[Deposited],
 ) -> Benchmark:
     calls = env.size(5000, 40)
 
@@ -178,15 +190,18 @@ def _append_sequential(
         _check(f"version of {address}", await store.version(address), calls)
         return sample
 
-    async def raw_round(round_index: int) -> Sample:
-        key = layout.events(Address(KIND, f"raw-seq-{round_index}"))
+    def raw_round_on(client_store: RawStore, prefix: str) -> Callable[[int], Awaitable[Sample]]:
+        async def raw_round(round_index: int) -> Sample:
+            key = layout.events(Address(KIND, f"{prefix}-seq-{round_index}"))
 
-        async def call(index: int) -> None:
-            await raw.append(key, [events[index % EVENT_POOL]], index)
+            async def call(index: int) -> None:
+                await client_store.append(key, [events[index % EVENT_POOL]], index)
 
-        sample = await sequential(calls, call)
-        _check(f"length of {key}", await raw.client.xlen(key), calls)
-        return sample
+            sample = await sequential(calls, call)
+            _check(f"length of {key}", await client_store.client.xlen(key), calls)
+            return sample
+
+        return raw_round
 
     return Benchmark(
         name="append single, sequential",
@@ -194,8 +209,9 @@ def _append_sequential(
         unit="events",
         latency_of="append call",
         variants=[
-            Variant("raw redis-py", raw_round, baseline=True),
+            Variant("raw redis-py", raw_round_on(raw, "raw"), baseline=True),
             Variant("repertory", repertory_round, target=TARGET),
+            Variant("raw, default redis-py client", raw_round_on(default, "default")),
         ],
     )
 
