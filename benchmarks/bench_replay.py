@@ -130,7 +130,8 @@ def _check(what: str, actual: int, expected: int) -> None:
 @asynccontextmanager
 async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
     client = create_client(env.url)
-    raw_client = redis.asyncio.Redis.from_url(env.url)
+    # The baseline's client has the same settings as repertory's (see bench_eventstore).
+    raw_client = create_client(env.url)
     system = ActorSystem(Ledger(), app=APP, partitions=4, client=client)
     try:
         yield [

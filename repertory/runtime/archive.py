@@ -137,11 +137,12 @@ async def _verify_actor(
         if decoded is not None:
             # The common case, a whole batch sound: decoded in one pass of msgspec calls.
             assert actor is not None
-            for version, (record, event) in enumerate(decoded, start=expected):
+            for version, event in enumerate(decoded, start=expected):
                 try:
                     state = actor.apply(state, event)
                 except Exception as error:
-                    detail = f"applying {record.type} raised {error!r}"
+                    type_name = codec.registry.info_for(type(event)).name
+                    detail = f"applying {type_name} raised {error!r}"
                     report.add(
                         Problem(address=name, kind="applier-error", detail=detail, version=version)
                     )
@@ -200,9 +201,9 @@ async def _verify_actor(
 
 def _decode_contiguous(
     codec: Codec, batch: list[tuple[bytes, bytes]], expected: int
-) -> list[tuple[EventRecord, msgspec.Struct]] | None:
-    """The batch's records and events if its versions run on from `expected` without a gap and
-    every entry decodes; else None (the caller then looks at each entry)."""
+) -> list[msgspec.Struct] | None:
+    """The batch's events if its versions run on from `expected` without a gap and every entry
+    decodes; else None (the caller then looks at each entry)."""
     first, _ = parse_entry_id(batch[0][0])
     last, _ = parse_entry_id(batch[-1][0])
     # Entry ids only increase: with every sequence 0, first and last bound every version.
@@ -211,7 +212,7 @@ def _decode_contiguous(
     if not all(entry_id.endswith(b"-0") for entry_id, _ in batch):
         return None
     try:
-        return codec.decode_events([data for _, data in batch])
+        return codec.decode_event_payloads([data for _, data in batch])
     except DecodeError:
         return None
 

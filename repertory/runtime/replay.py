@@ -446,7 +446,7 @@ async def states_at(
     remaining = deque(wanted)
     while remaining and remaining[0] == 0:
         views[remaining.popleft()] = ActorView(0, state)
-    apply, decode = actor.apply, system.codec.decode_events
+    apply, decode = actor.apply, system.codec.decode_event_payloads
     # A decoded batch at a time, folded in a plain loop: no per-event object or async step.
     async for batch in raw_event_batches(system, address, 1, wanted[-1] if remaining else 0):
         first, _ = parse_entry_id(batch[0][0])
@@ -454,8 +454,8 @@ async def states_at(
         contiguous = first == version + 1 and last == version + len(batch)
         if not contiguous or not all(entry_id.endswith(b"-0") for entry_id, _ in batch):
             break  # a gap: reported below
-        for event_record in decode([data for _, data in batch]):
-            state = apply(state, event_record[1])
+        for event in decode([data for _, data in batch]):
+            state = apply(state, event)
             version += 1
             if version == remaining[0]:
                 views[remaining.popleft()] = ActorView(version, state)

@@ -7,7 +7,7 @@ first byte. Every decode raises DecodeError (or a subclass) for bad input, never
 
 import enum
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -73,6 +73,30 @@ class _PayloadDecoders(_Decoders[msgspec.Struct]):
         self.version = info.version
 
 
+class _TypedEventDecoder:
+    """Decodes an event record of one type with its payload typed, in one pass: EventRecord's
+    fields and constraints, but the payload as the type's current class."""
+
+    __slots__ = ("decoder", "name", "version")
+
+    def __init__(self, info: TypeInfo, own_format: Format) -> None:
+        fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+        for field in msgspec.structs.fields(EventRecord):
+            kind = info.cls if field.name == "payload" else field.type
+            if field.required:
+                fields.append((field.name, kind))
+            else:
+                fields.append((field.name, kind, field.default))
+        shape = msgspec.defstruct("TypedEventRecord", fields, kw_only=True, gc=False)
+        self.decoder: msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any] = (
+            msgspec.json.Decoder(shape)
+            if own_format is Format.JSON
+            else msgspec.msgpack.Decoder(shape)
+        )
+        self.name = info.name
+        self.version = info.version
+
+
 def _parse_error(what: str, exc: Exception) -> DecodeError:
     if isinstance(exc, msgspec.ValidationError):
         return DecodeError(f"invalid {what}: {exc}", reason="invalid")
@@ -108,6 +132,7 @@ class Codec:
         self._any_msgpack = msgspec.msgpack.Decoder()
         self._any_json = msgspec.json.Decoder()
         self._payloads: dict[str, _PayloadDecoders] = {}
+        self._typed_events: dict[str, _TypedEventDecoder] = {}
 
     # Building records.
 
@@ -244,6 +269,41 @@ class Codec:
         except Exception:
             pass  # the careful path below finds out what is wrong and says so
         return [self._decode_event_and_payload(data) for data in batch]
+
+    def decode_event_payloads(self, batch: Sequence[Buffer]) -> list[msgspec.Struct]:
+        """Only the payloads of event records, as today's types: for folding state.
+
+        Same results and errors as `decode_events`. A run of records of one type, in this
+        codec's format and at the type's current version, costs one msgspec pass each: the
+        record is decoded with its payload typed as the type of the record before it, and
+        taken only if its type and version then say that was right.
+        """
+        events: list[msgspec.Struct] = []
+        typed: _TypedEventDecoder | None = None
+        max_size = self.max_size
+        for data in batch:
+            if typed is not None:
+                try:
+                    if len(data) <= max_size:
+                        record = typed.decoder.decode(data)
+                        if record.type == typed.name and record.schema_version == typed.version:
+                            events.append(record.payload)
+                            continue
+                except Exception:
+                    pass  # not that type after all, or not valid: the careful path decides
+            full, event = self._decode_event_and_payload(data)
+            events.append(event)
+            typed = self._typed_event_decoder(full.type, full.schema_version)
+        return events
+
+    def _typed_event_decoder(self, type_name: str, version: int) -> "_TypedEventDecoder | None":
+        decoders = self._payloads.get(type_name)
+        if decoders is None or decoders.version != version:
+            return None
+        typed = self._typed_events.get(type_name)
+        if typed is None:
+            typed = self._typed_events[type_name] = _TypedEventDecoder(decoders.info, self.format)
+        return typed
 
     def _decode_event_and_payload(self, data: Buffer) -> tuple[EventRecord, msgspec.Struct]:
         record = self.decode_event(data)

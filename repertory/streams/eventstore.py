@@ -173,9 +173,9 @@ class EventStore:
         """The events from `start` on, a batch at a time, each batch with the version of its
         last event: for folding state (activation), which needs neither records nor versions
         of each event. Raises DecodeError at the first event that cannot be decoded."""
-        decode = self.codec.decode_events
+        decode = self.codec.decode_event_payloads
         async for entry_ids, records in self._batches(address, start, None):
-            yield _version_of(entry_ids[-1]), [event for _, event in decode(records)]
+            yield _version_of(entry_ids[-1]), decode(records)
 
     async def save_snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
         record = self.codec.snapshot(state, version)
