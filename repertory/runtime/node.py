@@ -391,9 +391,7 @@ class PartitionSession:
                     try:
                         delivery = await receive.receive()
                     except anyio.EndOfStream:
-                        return
-                if self.stopping:
-                    return
+                        return  # the reader stopped and what it handed over is done
                 if delivery is None:
                     # Passivate; nothing can be in flight towards an idle, empty mailbox.
                     if receive.statistics().current_buffer_used == 0:
@@ -422,7 +420,9 @@ class PartitionSession:
         attempts = delivery.deliveries
         max_deliveries = self.actor.max_deliveries or self.config.max_deliveries
         failures = 0
-        while not self.stopping:
+        # A message in hand is handled even when stopping; only retries stop: a message that
+        # failed is left pending (its attempts counted) for the partition's next owner.
+        while True:
             try:
                 await self._handle_once(loaded, delivery)
                 return
@@ -430,6 +430,8 @@ class PartitionSession:
                 continue
             except INFRASTRUCTURE_ERRORS as error:
                 loaded.view = None
+                if self.stopping:
+                    return
                 failures += 1
                 logger.warning("redis unavailable (%s); retrying", error)
                 await self.sleep_unless_stopping(self._backoff(failures))
@@ -448,6 +450,8 @@ class PartitionSession:
                 await self.partition.inbox.set_deliveries(
                     self.node.node_id, delivery.entry_id, attempts
                 )
+                if self.stopping:
+                    return
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.config.retry_cap_s, self.config.retry_base_s * 2 ** (attempt - 1)))
