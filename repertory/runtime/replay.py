@@ -30,7 +30,6 @@ from repertory.runtime.system import ActorSystem, ActorView
 from repertory.schemas import Codec, EventRecord
 from repertory.schemas.errors import DecodeError, RepertoryError
 from repertory.streams.client import RedisClient, create_client
-from repertory.streams.eventstore import EVENT_FIELD
 from repertory.streams.keys import Address, KeyLayout, KeyLayoutError
 
 READ_BATCH = 1000
@@ -222,15 +221,8 @@ async def raw_event_batches(
     """(entry id, encoded record) of the actor's event stream, undecoded, a batch (one XRANGE)
     at a time: for tools that must show a corrupt entry rather than stop at it. A missing
     record field gives b""."""
-    key = system.keys.events(address)
-    lower, upper = f"{max(start, 1)}-0", "+" if stop is None else f"{stop}-0"
-    while True:
-        entries = await system.client.xrange(key, lower, upper, count=READ_BATCH)
-        if entries:
-            yield [(entry_id, fields.get(EVENT_FIELD, b"")) for entry_id, fields in entries]
-        if len(entries) < READ_BATCH:
-            return
-        lower = f"({entries[-1][0].decode()}"
+    async for entry_ids, records in system.store.entry_batches(address, start, stop):
+        yield list(zip(entry_ids, records, strict=True))
 
 
 async def raw_events(

@@ -118,11 +118,12 @@ class EventStore:
     async def version(self, address: Address) -> int:
         return int(await self.client.xlen(self.keys.events(address)))
 
-    async def _batches(
+    async def entry_batches(
         self, address: Address, start: int, stop: int | None
     ) -> AsyncIterator[tuple[tuple[bytes, ...], list[bytes]]]:
         """The stream's entry ids and encoded records from version `start` to `stop`, one
-        XRANGE batch at a time (an entry without a record gives b"", which fails to decode)."""
+        XRANGE batch at a time, undecoded: for tools that must show a corrupt entry rather than
+        stop at it (an entry without a record gives b"", which fails to decode)."""
         key = self.keys.events(address)
         upper = "+" if stop is None else f"{stop}-0"
         lower = f"{max(start, 1)}-0"
@@ -142,7 +143,7 @@ class EventStore:
         """Records with their versions from `start` to `stop` (inclusive), in batches, payloads
         left encoded: for tools that must not fail on a payload today's code cannot read."""
         decode = self.codec.decode_event
-        async for entry_ids, records in self._batches(address, start, stop):
+        async for entry_ids, records in self.entry_batches(address, start, stop):
             for entry_id, data in zip(entry_ids, records, strict=True):
                 yield _version_of(entry_id), decode(data)
 
@@ -155,7 +156,7 @@ class EventStore:
         Raises DecodeError at the first event that cannot be decoded.
         """
         decode = self.codec.decode_events
-        async for entry_ids, records in self._batches(address, start, stop):
+        async for entry_ids, records in self.entry_batches(address, start, stop):
             # Decoded a batch at a time: the generator suspends once per batch, not per event.
             decoded = decode(records)
             first = _version_of(entry_ids[0])
@@ -174,7 +175,7 @@ class EventStore:
         last event: for folding state (activation), which needs neither records nor versions
         of each event. Raises DecodeError at the first event that cannot be decoded."""
         decode = self.codec.decode_event_payloads
-        async for entry_ids, records in self._batches(address, start, None):
+        async for entry_ids, records in self.entry_batches(address, start, None):
             yield _version_of(entry_ids[-1]), decode(records)
 
     async def save_snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
