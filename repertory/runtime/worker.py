@@ -73,9 +73,7 @@ class Worker:
             entries: list[InboxEntry] = []
             if not busy or anyio.current_time() >= next_reclaim:
                 next_reclaim = anyio.current_time() + reclaim_every_s
-                reclaimed = await self.queue.inbox.autoclaim(
-                    self.worker_id, visibility_ms, count=1
-                )
+                reclaimed = await self.queue.inbox.autoclaim(self.worker_id, visibility_ms, count=1)
                 entries = reclaimed.entries
             if not entries:
                 entries = await self.queue.inbox.read(
