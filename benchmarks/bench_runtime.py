@@ -18,7 +18,6 @@ the database once its checks are done, so that 100,000-actor rounds do not pile 
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.util
 import threading
 import time
@@ -51,6 +50,7 @@ from repertory.streams.partition import (
     Partition,
     SeenWindow,
 )
+from repertory.streams.scripts import COMMIT
 from repertory.streams.taskqueue import TaskQueue
 
 KIND = "counter"
@@ -82,79 +82,10 @@ SEEN = SeenWindow()
 COMMIT_BATCH: int = getattr(NODE_CONFIG, "commit_batch", 1)
 """Messages of one actor committed per script call, as many as the node commits at most."""
 
-# The node's commit script (repertory/streams/scripts/commit.lua, batched form), copied so that
-# the baseline keeps its argument layout whatever the node's script turns into. Per message:
-# XADD event(s), XADD handled message, ZADD seen; per call: epoch check, dedupe checks,
-# version check, seen-set trimming, XACK + XDEL of the batch's inbox entries.
-RAW_COMMIT = """
-local function ack(entry_ids)
-  if #entry_ids > 0 then
-    redis.call('XACK', KEYS[3], ARGV[1], unpack(entry_ids))
-    redis.call('XDEL', KEYS[3], unpack(entry_ids))
-  end
-end
-if ARGV[2] ~= '' then
-  local epoch = redis.call('GET', KEYS[5])
-  if epoch ~= ARGV[2] then return {-2, epoch or ''} end
-end
-local count = tonumber(ARGV[7])
-local starts = {}
-local in_batch = {}
-local i = 8
-for m = 1, count do
-  starts[m] = i
-  if in_batch[ARGV[i + 1]] or redis.call('ZSCORE', KEYS[4], ARGV[i + 1]) then
-    if count == 1 then
-      local entry_ids = {}
-      if ARGV[i] ~= '' then entry_ids[1] = ARGV[i] end
-      ack(entry_ids)
-    end
-    return {-1, m}
-  end
-  in_batch[ARGV[i + 1]] = true
-  i = i + 4
-  i = i + tonumber(ARGV[i]) + 1
-  i = i + tonumber(ARGV[i]) + 1
-  i = i + 2 * tonumber(ARGV[i]) + 1
-  i = i + 3 * tonumber(ARGV[i]) + 1
-end
-local version = redis.call('XLEN', KEYS[1])
-if version ~= tonumber(ARGV[3]) then return {0, version} end
-local now = tonumber(ARGV[4])
-local entry_ids = {}
-for m = 1, count do
-  i = starts[m]
-  local entry_id, dedupe_id, handled, rejected = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local before = version
-  i = i + 4
-  local n = tonumber(ARGV[i])
-  for j = 1, n do
-    version = version + 1
-    redis.call('XADD', KEYS[1], version .. '-0', 'e', ARGV[i + j])
-  end
-  i = i + n + 1
-  redis.call('XADD', KEYS[2], '*', 'm', handled, 'at', ARGV[4], 'from', before, 'to', version,
-    'rejected', rejected)
-  n = tonumber(ARGV[i])
-  for j = 1, n do redis.call('XADD', KEYS[3], '*', 'm', ARGV[i + j]) end
-  i = i + n + 1
-  n = tonumber(ARGV[i])
-  for j = 1, n do redis.call('ZADD', KEYS[7], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
-  i = i + 2 * n + 1
-  n = tonumber(ARGV[i])
-  for j = 1, n do
-    local at = i + 3 * j - 2
-    redis.call('XADD', KEYS[6], '*', 'due', ARGV[at], 'to', ARGV[at + 1], 'm', ARGV[at + 2])
-  end
-  redis.call('ZADD', KEYS[4], now, dedupe_id)
-  if entry_id ~= '' then entry_ids[#entry_ids + 1] = entry_id end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[5]))
-local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[6])
-if excess > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1) end
-ack(entry_ids)
-return {1, version}
-"""
+# The raw baseline calls the node's commit script itself (repertory/streams/scripts/commit.lua)
+# by its SHA1 with the arguments the node passes. Per message: XADD event(s), XADD handled
+# message, ZADD seen; per call: epoch check, dedupe checks, version check, seen-set trimming,
+# XACK + XDEL of the batch's inbox entries.
 
 
 @schema(ADD_TYPE)
@@ -496,7 +427,7 @@ class RawNode:
                 )
                 dedupe_id = envelope.idempotency_key or envelope.id
                 dedupe_ids.append(dedupe_id)
-                args.extend((entry_id, dedupe_id, data, "", 1, encode(record), 0, 0, 0))
+                args.extend((entry_id, dedupe_id, data, "", now, 1, encode(record), 0, 0, 0))
                 state = Count(state.count + 1, state.total + event.amount)
             status, version = await client.evalsha(sha, len(keys), *keys, *args)
             if status != 1:
@@ -987,9 +918,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
         env.url, max_connections=ClientConfig(url=env.url).max_connections, timeout=None
     )
     admin = redis.asyncio.Redis.from_pool(pool)
-    rig = Rig(
-        env, client, admin, hashlib.sha1(RAW_COMMIT.encode(), usedforsecurity=False).hexdigest()
-    )
+    rig = Rig(env, client, admin, COMMIT.sha)
     queues: list[Benchmark] = []
     rigs: list[DramatiqRig | CeleryRig] = []
     try:
@@ -999,7 +928,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             messages = env.size(5_000, 200)
             queues.append(_task_queues(rig, dramatiq_rig, celery_rig, messages, env.size(1000, 50)))
         # The raw baseline calls its commit script by its SHA1 only.
-        await admin.script_load(RAW_COMMIT)
+        await admin.script_load(COMMIT.source)
         few = env.size(1000, 50)
         many = env.size(100_000, 200)
         latency_s = 0.1 if env.quick else 2.0
