@@ -20,13 +20,14 @@ import tracemalloc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, cast
+from typing import cast
 
 import msgspec
 import redis.asyncio
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.bench_eventstore import Deposited, RawEventRecord
 from benchmarks.harness import APPENDFSYNC, Benchmark, Environment, Sample, Variant, timed
 from repertory.actors.model import Actor, applier
 from repertory.runtime.archive import verify
@@ -41,21 +42,10 @@ from repertory.streams.keys import Address
 TARGET = 0.8
 APP = "benchreplay"
 KIND = "ledger"
-EVENT_TYPE = "bench.replay.deposited"
 READ_BATCH = 1000
 WRITE_BATCH = 1000
 MEMORY_SIZES = (100_000, 1_000_000)
 QUICK_MEMORY_SIZES = (2_000, 20_000)
-
-
-@schema(EVENT_TYPE, version=1)
-class Deposited(msgspec.Struct, frozen=True, gc=False):
-    """The same realistic small event as the event store's benchmarks."""
-
-    amount: int
-    account_id: str
-    currency: str
-    at: float
 
 
 @schema("bench.replay.balance", version=1)
@@ -70,19 +60,6 @@ class Ledger(Actor[Balance]):
     @applier
     def deposited(self, state: Balance, event: Deposited) -> Balance:
         return Balance(state.total + event.amount)
-
-
-class RawEventRecord(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
-    """The event record's wire shape, written by hand, with the payload typed."""
-
-    type: str
-    schema_version: Annotated[int, msgspec.Meta(ge=1)]
-    payload: Deposited
-    recorded_at: Annotated[int, msgspec.Meta(ge=0)]
-    causation_id: str | None = None
-    correlation_id: str | None = None
-    traceparent: str | None = None
-    content_type: str = "application/msgpack"
 
 
 async def raw_replay(client: "redis.asyncio.Redis", key: str) -> int:
