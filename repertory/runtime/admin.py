@@ -41,7 +41,7 @@ from repertory.streams import scripts
 from repertory.streams.client import RedisClient
 from repertory.streams.deadletters import DeadLetter, DeadLetters
 from repertory.streams.eventstore import EVENT_FIELD
-from repertory.streams.inbox import Inbox
+from repertory.streams.inbox import Inbox, as_text
 from repertory.streams.keys import Address
 from repertory.streams.partition import RELAY_GROUP
 from repertory.streams.scripts import REPLACE_FIELD, REQUEUE, SWAP_STREAM, Script
@@ -62,10 +62,6 @@ async def server_time_ms(client: RedisClient) -> int:
     """The server's clock in unix ms: node expiries and leases are on that clock, not ours."""
     seconds, microseconds = await client.time()
     return int(seconds) * 1000 + int(microseconds) // 1000
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # Inspecting.
@@ -134,7 +130,7 @@ async def nodes_of(system: ActorSystem, now_ms: int | None = None) -> list[NodeI
     now = await server_time_ms(client) if now_ms is None else now_ms
     members = await client.zrange(system.keys.nodes(), 0, -1, withscores=True)
     return [
-        NodeInfo(id=_text(member), expires_in_ms=int(score) - now, live=int(score) > now)
+        NodeInfo(id=as_text(member), expires_in_ms=int(score) - now, live=int(score) > now)
         for member, score in members
     ]
 
@@ -351,7 +347,7 @@ async def requeue(system: ActorSystem, ref: DeadLetterRef) -> str:
     )
     if not entry_id:
         raise AdminError(f"no dead letter {ref} (requeued or dropped already?)")
-    return _text(entry_id)
+    return as_text(entry_id)
 
 
 async def drop(system: ActorSystem, ref: DeadLetterRef) -> None:

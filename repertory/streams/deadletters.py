@@ -4,6 +4,7 @@ import msgspec
 
 from repertory.schemas.records import now_ms
 from repertory.streams.client import RedisClient
+from repertory.streams.inbox import as_text
 from repertory.streams.scripts import DEAD_LETTER
 
 
@@ -71,7 +72,7 @@ class DeadLetters:
         return dead_id
 
     async def list(self, *, count: int = 100, after: bytes | str = "-") -> list[DeadLetter]:
-        lower = after if after == "-" else f"({_text(after)}"
+        lower = after if after == "-" else f"({as_text(after)}"
         entries = await self.client.xrange(self.stream, lower, "+", count=count)
         return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
 
@@ -105,10 +106,6 @@ def _fields(
         "attempts": attempts,
         "dead_at": now_ms(),
     }
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:

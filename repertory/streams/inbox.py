@@ -135,7 +135,9 @@ class Inbox:
             count=int(summary["pending"]),
             lowest_id=summary["min"],
             highest_id=summary["max"],
-            consumers={_text(item["name"]): int(item["pending"]) for item in summary["consumers"]},
+            consumers={
+                as_text(item["name"]): int(item["pending"]) for item in summary["consumers"]
+            },
         )
 
     async def pending_entries(
@@ -158,7 +160,7 @@ class Inbox:
         return [
             PendingEntry(
                 row["message_id"],
-                _text(row["consumer"]),
+                as_text(row["consumer"]),
                 int(row["time_since_delivered"]),
                 int(row["times_delivered"]),
             )
@@ -169,7 +171,7 @@ class Inbox:
         """Entries not yet delivered to the group; None when the server cannot tell (after
         deletions in the undelivered range)."""
         for group in await self.client.xinfo_groups(self.stream):
-            if _text(group["name"]) == self.group:
+            if as_text(group["name"]) == self.group:
                 lag = group.get("lag")
                 return None if lag is None else int(lag)
         raise ResponseError(f"no consumer group {self.group!r} on {self.stream!r}")
@@ -178,18 +180,19 @@ class Inbox:
         """Delete entries every consumer is done with: those before the oldest pending entry
         and not after the last delivered one. Inbox memory then follows in-flight work."""
         groups = await self.client.xinfo_groups(self.stream)
-        info = next((g for g in groups if _text(g["name"]) == self.group), None)
+        info = next((g for g in groups if as_text(g["name"]) == self.group), None)
         if info is None:
             return 0
-        last_delivered = _text(info["last-delivered-id"])
+        last_delivered = as_text(info["last-delivered-id"])
         summary = await self.client.xpending(self.stream, self.group)
         if summary["pending"]:
-            floor = _text(summary["min"])
+            floor = as_text(summary["min"])
         else:
             ms, seq = last_delivered.split("-")
             floor = f"{ms}-{int(seq) + 1}"
         return int(await self.client.xtrim(self.stream, minid=floor, approximate=False))
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A reply field as text, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else value
