@@ -4,8 +4,8 @@ a final result, and a health monitor that watches agents and decides their recov
 Both are ordinary event-sourced actors: every decision is an event, so `repertory replay`
 explains what they did and why. Neither touches Redis in a handler. Their effects on the world
 (enqueueing a task, dead-lettering it, restarting a worker) are carried out by followers of
-their committed events (see `repertory.runtime.agents_demo`), idempotently, keyed by ids the
-events carry, so a follower that runs twice changes nothing twice.
+their committed events (see `repertory.runtime.agents_followers`), idempotently, keyed by ids
+the events carry, so a follower that runs twice changes nothing twice.
 
 Time is always the handler's `ctx.now_ms` and periodic checks are durable timers
 (`ctx.schedule`), so a simulated clock drives the health monitor deterministically.

@@ -1,12 +1,11 @@
 """`repertory demo`: a coordinator, a health monitor and worker processes on the embedded server.
 
-This process runs a node (the coordinator and the health monitor actors) and three followers
-that carry out what those actors decided, idempotently: the dispatcher enqueues each
-`TaskDispatched` once by its dispatch id, the results consumer sends each result to the
-coordinator with the result's stream id as idempotency key, and the recovery executor carries
-out each `RecoveryDecided` (kill, release the agent's pending work, start a replacement) and
-reports it back. Worker agents are separate processes (`repertory.runtime.agents_worker`); one
-is killed with SIGKILL mid-project, and the summary shows where its task went.
+This process runs a node (the coordinator and the health monitor actors), the followers that
+carry out what those actors decided (`repertory.runtime.agents_followers`: the dispatcher, the
+results consumer and the recovery executor, each resuming from its cursor, and the node
+watcher), and a `Supervisor` of worker agent processes (`repertory.runtime.agents_worker`),
+the same one that `repertory spawn --workers` runs. One worker is killed with SIGKILL
+mid-project; the summary shows where its task went.
 
 `repertory replay coordinator/main repertory.runtime.agents_demo:system` replays the log.
 """
@@ -15,15 +14,13 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
 
 import anyio
 import msgspec
@@ -39,30 +36,40 @@ from repertory.actors.agents import (
     CoordinatorState,
     DegradedEntered,
     DegradedLeft,
+    Deregister,
     HealthMonitor,
     HealthPolicy,
     HealthState,
     PlannedTask,
-    RecordResult,
     RecoveryDecided,
-    RecoveryDone,
     StartProject,
+    Strategy,
     TaskCompleted,
-    TaskDeadLettered,
-    TaskDispatched,
-    dispatch_id,
 )
-from repertory.runtime.agents_worker import COORDINATOR, MONITOR, JsonLogFormatter
+from repertory.runtime.agents_followers import (
+    Cursor,
+    Dispatcher,
+    NodeWatcher,
+    RecoveryExecutor,
+    follow,
+    forward_results,
+    log_event,
+)
+from repertory.runtime.agents_worker import COORDINATOR, MONITOR, JsonLogFormatter, worker_command
 from repertory.runtime.node import Node, NodeConfig
+from repertory.runtime.supervisor import Supervisor, SupervisorConfig
 from repertory.runtime.system import ActorSystem
 from repertory.schemas import schema
 from repertory.schemas.errors import RepertoryError
 from repertory.streams.embedded import EmbeddedServer
 from repertory.streams.eventstore import StoredEvent
-from repertory.streams.keys import Address
-from repertory.streams.taskqueue import WORKERS_GROUP, TaskQueue, TaskResult
+from repertory.streams.taskqueue import TaskQueue, TaskResult
 
 logger = logging.getLogger("repertory.agents")
+
+HANDLER = "repertory.runtime.agents_demo:do_work"
+_STOP_GRACE_S = 5.0
+"""How long a worker may take to finish its task when the demo is interrupted."""
 
 
 @schema("demo.agents.work")
@@ -106,103 +113,6 @@ system = make_system(None)
 """For `repertory run|replay|check ... repertory.runtime.agents_demo:system`."""
 
 
-def _log(message: str, **fields: Any) -> None:
-    logger.info(message, extra={"fields": fields})
-
-
-async def follow(
-    system: ActorSystem,
-    address: Address,
-    handle: Callable[[StoredEvent], Awaitable[None]],
-    after: int = 0,
-    poll_s: float = 0.05,
-) -> None:
-    """Call `handle` on each event of `address` after version `after`, in order, forever."""
-    version = after
-    while True:
-        async for stored in system.store.read(address, start=version + 1):
-            await handle(stored)
-            version = stored.version
-        await anyio.sleep(poll_s)
-
-
-class WorkerPool:
-    """The worker agent processes of one run, each logging JSON lines to its own file."""
-
-    def __init__(
-        self,
-        url: str,
-        queue: str,
-        project_id: str,
-        log_dir: Path,
-        *,
-        visibility_s: float,
-        heartbeat_s: float,
-    ) -> None:
-        self.url, self.queue, self.project_id, self.log_dir = url, queue, project_id, log_dir
-        self.visibility_s, self.heartbeat_s = visibility_s, heartbeat_s
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[IO[bytes]] = []
-        self.suffix = project_id.rsplit("-", 1)[-1]
-
-    def start(self) -> str:
-        agent_id = f"worker-{len(self.processes) + 1}.{self.suffix}"
-        log = (self.log_dir / f"{agent_id}.log").open("ab")
-        self._logs.append(log)
-        command = [
-            sys.executable,
-            "-m",
-            "repertory.runtime.agents_worker",
-            *("--url", self.url, "--queue", self.queue, "--project", self.project_id),
-            *("--agent-id", agent_id, "--visibility", str(self.visibility_s)),
-            *("--heartbeat", str(self.heartbeat_s)),
-        ]
-        self.processes[agent_id] = subprocess.Popen(command, stdout=log, stderr=log)
-        _log("worker started", event="worker.started", agent=agent_id)
-        return agent_id
-
-    def kill(self, agent_id: str) -> bool:
-        process = self.processes.get(agent_id)
-        if process is None or process.poll() is not None:
-            return False
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        return True
-
-    def running(self) -> list[str]:
-        return [name for name, process in self.processes.items() if process.poll() is None]
-
-    def exit_codes(self) -> dict[str, int | None]:
-        return {name: process.poll() for name, process in self.processes.items()}
-
-    def close(self) -> None:
-        """No process outlives the run: a worker still there is stopped, then killed."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for log in self._logs:
-            log.close()
-
-
-async def release(queue: TaskQueue, agent_id: str, visibility_ms: int) -> list[str]:
-    """Make `agent_id`'s pending tasks claimable by any worker now (replace: its work moves):
-    each stays owned by it but looks idle for a whole visibility timeout, so the next
-    XAUTOCLAIM of a live worker takes it instead of waiting for the timeout to run out."""
-    rows = await queue.inbox.pending_entries(consumer=agent_id)
-    ids = [row.id for row in rows]
-    if ids:
-        await queue.client.xclaim(
-            queue.tasks_key, WORKERS_GROUP, agent_id, 0, ids, idle=visibility_ms, justid=True
-        )
-    return [entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id) for entry_id in ids]
-
-
 @dataclass(kw_only=True)
 class DemoConfig:
     tasks: int = 20
@@ -210,6 +120,9 @@ class DemoConfig:
     seconds: float = 1.0
     kill: bool = True
     visibility_s: float = 5.0
+    strategy: Strategy = "restart"
+    """The workers' recovery strategy: `restart` (the supervisor restarts a killed worker),
+    `replace` (the recovery executor starts a new one) or `alert` (nobody: a person)."""
     policy: HealthPolicy = field(default_factory=HealthPolicy)
     timeout_s: float = 50.0
     log_dir: Path = Path(".repertory/agents-demo")
@@ -234,6 +147,7 @@ class DemoReport:
     recoveries: list[AgentRecovered] = field(default_factory=list)
     health_decisions: list[str] = field(default_factory=list)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    node_id: str = ""
 
     @property
     def exactly_once(self) -> bool:
@@ -251,6 +165,10 @@ class DemoReport:
         """The killed worker's tasks and who completed each instead."""
         return {task: self.done_by.get(task, "?") for task in self.victim_tasks}
 
+    def short(self, text: str) -> str:
+        """Agent ids in `text` without this run's suffix (the project's), for display."""
+        return text.replace(f"-{self.project_id.rsplit('-', 1)[-1]}", "")
+
 
 @dataclass
 class _Live:
@@ -262,115 +180,77 @@ class _Live:
     coordinator: CoordinatorState | None = None
     health: HealthState | None = None
 
+    async def observe(self, stored: StoredEvent) -> None:
+        """The health monitor's decisions, for the live view and the log."""
+        event = stored.event
+        if isinstance(event, AgentDown | AgentZombie | DegradedEntered | DegradedLeft):
+            self.decisions.append(f"{type(event).__name__} {msgspec.json.encode(event).decode()}")
+            if isinstance(event, AgentDown | AgentZombie):
+                self.failures += 1
+                self.detected_at_ms = self.detected_at_ms or event.at_ms
+        elif isinstance(event, RecoveryDecided):
+            self.decisions.append(f"RecoveryDecided {event.agent_id}: {event.action}")
+        elif isinstance(event, AgentRecovered):
+            self.recoveries.append(event)
+        else:
+            return
+        log_event("health decision", "health." + type(event).__name__, detail=event)
+
+
+def worker_supervisor(url: str, project_id: str, config: DemoConfig) -> Supervisor:
+    """The project's worker agents under a supervisor, as `repertory spawn --workers` runs them:
+    a worker that is done exits 0 and stays done; one killed is restarted by the supervisor
+    (strategy `restart`) or left to the health monitor's recovery (`replace`, `alert`)."""
+    command = worker_command(
+        HANDLER,
+        url=url,
+        queue=project_id,
+        project_id=project_id,
+        visibility_s=config.visibility_s,
+        heartbeat_s=config.policy.heartbeat_ms / 1000,
+        strategy=config.strategy,
+        stop_grace_s=_STOP_GRACE_S,
+    )
+    supervision = SupervisorConfig(
+        processes=config.workers,
+        restart="transient" if config.strategy == "restart" else "temporary",
+        fresh_ids=True,
+        log_dir=config.log_dir,
+        shutdown_timeout_s=_STOP_GRACE_S,
+    )
+    return Supervisor(command, supervision, prefix=f"worker-{project_id.rsplit('-', 1)[-1]}")
+
 
 async def run_project(url: str, config: DemoConfig, console: Console | None = None) -> DemoReport:
     """Run one project end to end on the server at `url` and report what happened."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
     project_id = f"project-{uuid.uuid4().hex[:6]}"
-    queue_name = project_id
     goal = f"{config.tasks} tasks of {config.seconds} s"
     agents = make_system(url, config.policy)
     live = _Live()
     visibility_ms = round(config.visibility_s * 1000)
     async with agents:
-        queue = TaskQueue(agents.client, queue_name, keys=agents.keys)
+        queue = TaskQueue(agents.client, project_id, keys=agents.keys)
         await queue.ensure()
-        pool = WorkerPool(
-            url,
-            queue_name,
-            project_id,
-            config.log_dir,
-            visibility_s=config.visibility_s,
-            heartbeat_s=config.policy.heartbeat_ms / 1000,
+        supervisor = worker_supervisor(url, project_id, config)
+
+        def cursor(name: str) -> Cursor:
+            return Cursor(agents.client, agents.keys, name)
+
+        executor = RecoveryExecutor(
+            agents,
+            supervisor,
+            queue,
+            visibility_ms=visibility_ms,
+            cursor=cursor(f"recovery:{project_id}:{supervisor.prefix}"),
         )
-        # Followers start after what earlier runs left in the logs.
-        coordinator_from = (await agents.state_of(COORDINATOR)).version
-        monitor_from = (await agents.state_of(MONITOR)).version
-        codec = queue.codec
-
-        async def dispatch(stored: StoredEvent) -> None:
-            event = stored.event
-            if isinstance(event, TaskDispatched) and event.project_id == project_id:
-                spec = event.task
-                task = codec.decode_payload(spec.type, spec.version, spec.payload)
-                fresh = await queue.enqueue_once(task, task_id=event.dispatch_id)
-                _log(
-                    "task enqueued",
-                    event="task.enqueued",
-                    task=spec.task_id,
-                    dispatch=event.dispatch_id,
-                    attempt=event.attempt,
-                    duplicate=not fresh,
-                )
-            elif isinstance(event, TaskDeadLettered) and event.project_id == project_id:
-                spec = event.task
-                task = codec.decode_payload(spec.type, spec.version, spec.payload)
-                dead_id = dispatch_id(project_id, spec.task_id, event.attempts)
-                await queue.dead_letter_once(task, task_id=dead_id)
-                _log("task dead-lettered", event="task.dead", task=spec.task_id, error=event.error)
-
-        async def consume_results() -> None:
-            cursor: bytes = b"0"
-            while True:
-                for entry_id, result in await queue.results(after=cursor):
-                    record = RecordResult(
-                        result_id=entry_id.decode(),
-                        dispatch_id=result.task_id,
-                        ok=result.ok,
-                        worker=result.worker,
-                        finished_at=result.finished_at,
-                        error=result.error,
-                        value_type=result.value_type,
-                        value_version=result.value_version,
-                        value=result.value,
-                    )
-                    key = f"result:{queue_name}:{entry_id.decode()}"
-                    await agents.send(COORDINATOR, record, idempotency_key=key)
-                    live.results.append(result)
-                    _log(
-                        "task result",
-                        event="task.result",
-                        dispatch=result.task_id,
-                        worker=result.worker,
-                        ok=result.ok,
-                        error=result.error,
-                    )
-                    cursor = entry_id
-                await anyio.sleep(0.05)
-
-        async def recover(stored: StoredEvent) -> None:
-            event = stored.event
-            if isinstance(event, AgentDown | AgentZombie | DegradedEntered | DegradedLeft):
-                live.decisions.append(
-                    f"{type(event).__name__} {msgspec.json.encode(event).decode()}"
-                )
-                _log("health decision", event="health." + type(event).__name__, detail=event)
-                if isinstance(event, AgentDown | AgentZombie):
-                    live.failures += 1
-                    live.detected_at_ms = live.detected_at_ms or event.at_ms
-            elif isinstance(event, AgentRecovered):
-                live.recoveries.append(event)
-                _log("health decision", event="health.AgentRecovered", detail=event)
-            elif isinstance(event, RecoveryDecided):
-                live.decisions.append(f"RecoveryDecided {event.agent_id}: {event.action}")
-                _log("health decision", event="health.RecoveryDecided", detail=event)
-                if event.agent_id not in pool.processes or event.action == "alert":
-                    return  # not ours to recover, or a person's call
-                pool.kill(event.agent_id)  # a zombie or a paused process must not come back
-                moved = await release(queue, event.agent_id, visibility_ms)
-                replacement = pool.start() if event.action == "restart" else None
-                done = RecoveryDone(
-                    agent_id=event.agent_id,
-                    action=event.action,
-                    replacement=replacement,
-                    detail=f"released {len(moved)} pending task(s)",
-                )
-                key = f"recovery:{event.agent_id}:{stored.version}"
-                await agents.send(MONITOR, done, idempotency_key=key)
-
+        watcher = NodeWatcher(agents, every_s=min(1.0, config.policy.heartbeat_ms / 2000))
+        # The live view starts after what earlier runs left in the logs.
+        coordinator_from = await agents.store.version(COORDINATOR)
+        monitor_from = await agents.store.version(MONITOR)
         report = DemoReport(
             project_id=project_id,
-            queue=queue_name,
+            queue=queue.name,
             wall_s=0.0,
             sequential_s=config.tasks * config.seconds,
             tasks=config.tasks,
@@ -380,37 +260,42 @@ async def run_project(url: str, config: DemoConfig, console: Console | None = No
             completions={},
             done_by={},
         )
-        try:
-            async with anyio.create_task_group() as group:
-                node = Node(agents, NodeConfig(node_id=f"demo-{os.getpid()}"))
-                await group.start(node.run)
-                group.start_soon(follow, agents, COORDINATOR, dispatch, coordinator_from)
-                group.start_soon(follow, agents, MONITOR, recover, monitor_from)
-                group.start_soon(consume_results)
-                for _ in range(config.workers):
-                    pool.start()
-                await agents.ask(COORDINATOR, StartProject(project_id=project_id, goal=goal))
-                _log("project started", event="project.started", project=project_id, goal=goal)
-                await _watch(agents, pool, queue, config, report, live, console, project_id)
-                node.stop()
-                await node.stopped.wait()
-                group.cancel_scope.cancel()
-        finally:
-            pool.close()
-        report.exit_codes = pool.exit_codes()
-        await _account(agents, report, live, project_id, coordinator_from)
+        async with anyio.create_task_group() as group:
+            node = Node(agents, NodeConfig(node_id=f"demo-{os.getpid()}"))
+            report.node_id = node.node_id
+            await group.start(node.run)
+            await group.start(Dispatcher(agents, codec=queue.codec).run, cursor("dispatcher"))
+            results = cursor(f"results:{queue.name}")
+            await group.start(
+                partial(forward_results, on_result=live.results.append), agents, queue, results
+            )
+            await group.start(executor.run)
+            await group.start(
+                partial(follow, start=monitor_from), agents, MONITOR, live.observe, None
+            )
+            group.start_soon(watcher.run)
+            group.start_soon(partial(supervisor.run, handle_signals=False))
+            await agents.ask(COORDINATOR, StartProject(project_id=project_id, goal=goal))
+            log_event("project started", "project.started", project=project_id, goal=goal)
+            await _watch(agents, supervisor, queue, config, report, live, console)
+            # The node leaves: the monitor hears it from here (it runs on that node).
+            await agents.ask(MONITOR, Deregister(agent_id=node.node_id, reason="stopping"))
+            node.stop()
+            await node.stopped.wait()
+            group.cancel_scope.cancel()
+        report.exit_codes = supervisor.exit_codes()
+        await _account(agents, report, live, coordinator_from)
     return report
 
 
 async def _watch(
     agents: ActorSystem,
-    pool: WorkerPool,
+    supervisor: Supervisor,
     queue: TaskQueue,
     config: DemoConfig,
     report: DemoReport,
     live: _Live,
     console: Console | None,
-    project_id: str,
 ) -> None:
     """Refresh the view, kill a worker mid-project, and return once the project is complete,
     every worker has exited and (after a kill) the monitor has recorded the recovery."""
@@ -423,33 +308,37 @@ async def _watch(
             while True:
                 live.coordinator = (await agents.state_of(COORDINATOR)).state
                 live.health = (await agents.state_of(MONITOR)).state
-                project = live.coordinator.projects.get(project_id) if live.coordinator else None
+                project = live.coordinator.projects.get(report.project_id)
                 done = project.count("done") if project else 0
                 if config.kill and report.victim is None and done >= kill_after:
-                    await _kill_one(pool, queue, report)
+                    await _kill_one(supervisor, queue, report)
                 if display is not None:
-                    display.update(_view(live, pool, report, config, project_id))
-                recovered = report.victim is None or any(
-                    r.agent_id == report.victim for r in live.recoveries
+                    display.update(_view(live, supervisor, report, config))
+                recovered = (
+                    report.victim is None
+                    or config.strategy == "alert"
+                    or any(r.agent_id == report.victim for r in live.recoveries)
                 )
-                if project is not None and project.done and not pool.running() and recovered:
+                finished = project is not None and project.done and supervisor.finished.is_set()
+                if finished and recovered:
                     return
                 await anyio.sleep(0.1)
         finally:
             if display is not None:
-                display.update(_view(live, pool, report, config, project_id))
+                display.update(_view(live, supervisor, report, config))
                 display.stop()
 
 
-async def _kill_one(pool: WorkerPool, queue: TaskQueue, report: DemoReport) -> None:
+async def _kill_one(supervisor: Supervisor, queue: TaskQueue, report: DemoReport) -> None:
     """SIGKILL a worker that holds a task right now, and note which tasks it held."""
-    rows = await queue.inbox.pending_entries()
-    running = set(pool.running())
+    # The task taken last has the most time left: its worker will still hold it when killed.
+    rows = sorted(await queue.inbox.pending_entries(), key=lambda row: row.idle_ms)
+    running = set(supervisor.running())
     victim = next((row.consumer for row in rows if row.consumer in running), None)
     if victim is None:
         return
     report.killed_at_ms = time.time_ns() // 1_000_000
-    pool.kill(victim)
+    await supervisor.kill(victim)
     # Read what it held only once it is dead: until then it may finish one task and take another.
     tasks = []
     for row in await queue.inbox.pending_entries(consumer=victim):
@@ -457,51 +346,48 @@ async def _kill_one(pool: WorkerPool, queue: TaskQueue, report: DemoReport) -> N
             tasks.append(queue.codec.decode_envelope(fields[b"m"]).id)
     report.victim = victim
     report.victim_tasks = [task.split(":")[1] for task in tasks]
-    _log("worker killed", event="worker.killed", agent=victim, held=tasks)
+    log_event("worker killed", "worker.killed", agent=victim, held=tasks)
 
 
-def _short(agent: str) -> str:
-    return agent.split(".", 1)[0]
-
-
-def _view(
-    live: _Live, pool: WorkerPool, report: DemoReport, config: DemoConfig, project_id: str
-) -> Group:
+def _view(live: _Live, supervisor: Supervisor, report: DemoReport, config: DemoConfig) -> Group:
     coordinator = live.coordinator
-    project = coordinator.projects.get(project_id) if coordinator else None
+    project = coordinator.projects.get(report.project_id) if coordinator else None
     done = project.count("done") if project else 0
     failures = sum(1 for r in live.results if not r.ok)
     header = Table.grid(padding=(0, 2))
     header.add_row(
-        f"[bold]{project_id}[/]",
+        f"[bold]{report.project_id}[/]",
         f"tasks done [bold]{done}/{config.tasks}[/]",
         f"failed attempts {failures}",
         f"agent failures {live.failures}",
         f"recoveries {len(live.recoveries)}",
         "[yellow]degraded[/]" if live.health and live.health.degraded else "normal",
     )
-    table = Table(title="worker agents")
+    table = Table(title="agents")
     for column in ("agent", "pid", "process", "health", "tasks done"):
         table.add_column(column)
     per_worker = Counter(r.worker for r in live.results if r.ok)
     health = live.health.agents if live.health else {}
-    for agent, process in pool.processes.items():
-        code = process.poll()
-        state = "running" if code is None else ("killed" if code < 0 else f"exited {code}")
-        status = health[agent].status if agent in health else "-"
-        table.add_row(_short(agent), str(process.pid), state, status, str(per_worker[agent]))
+    if report.node_id in health:
+        node = health[report.node_id]
+        table.add_row(f"{report.node_id} (node)", str(os.getpid()), "running", node.status, "-")
+    for child in supervisor.children:
+        for index, agent in enumerate(child.ids):
+            code = child.exits[index] if index < len(child.exits) else None
+            state = "running" if code is None else ("killed" if code < 0 else f"exited {code}")
+            status = health[agent].status if agent in health else "-"
+            pid = str(child.pids[index]) if index < len(child.pids) else "-"
+            table.add_row(report.short(agent), pid, state, status, str(per_worker[agent]))
     lines: list[Table | str] = [header, table]
-    lines.extend(f"[dim]health:[/] {decision}" for decision in live.decisions[-4:])
+    lines.extend(f"[dim]health:[/] {report.short(line)}" for line in live.decisions[-4:])
     return Group(*lines)
 
 
-async def _account(
-    agents: ActorSystem, report: DemoReport, live: _Live, project_id: str, after: int
-) -> None:
+async def _account(agents: ActorSystem, report: DemoReport, live: _Live, after: int) -> None:
     """Count, from the logs, what took effect: results per task and completions per task."""
     state = (await agents.state_of(COORDINATOR)).state
     assert isinstance(state, CoordinatorState)
-    project = state.projects[project_id]
+    project = state.projects[report.project_id]
     report.completed = project.count("done")
     # The project's own time, from its log: the run also waits for the recovery to be recorded.
     report.wall_s = (project.finished_at - project.started_at) / 1000 if project.done else 0.0
@@ -514,7 +400,7 @@ async def _account(
             report.ok_results[task] = report.ok_results.get(task, 0) + 1
     async for stored in agents.store.read(COORDINATOR, start=after + 1):
         event = stored.event
-        if isinstance(event, TaskCompleted) and event.project_id == project_id:
+        if isinstance(event, TaskCompleted) and event.project_id == report.project_id:
             report.completions[event.task_id] = report.completions.get(event.task_id, 0) + 1
     report.recoveries = list(live.recoveries)
     report.detected_at_ms = live.detected_at_ms
@@ -533,11 +419,13 @@ def _summary(report: DemoReport, console: Console, data_dir: Path, config: DemoC
         "wall time",
         f"{report.wall_s:.1f} s vs {report.sequential_s:.1f} s sequential ({speedup:.1f}x)",
     )
-    per_worker = Counter(_short(worker) for worker in report.done_by.values())
+    per_worker = Counter(report.short(worker) for worker in report.done_by.values())
     table.add_row("per worker", ", ".join(f"{w}: {n}" for w, n in sorted(per_worker.items())))
     if report.victim is not None:
-        table.add_row("killed (SIGKILL)", _short(report.victim))
-        moved = ", ".join(f"{t} -> {_short(w)}" for t, w in report.moved.items()) or "none held"
+        table.add_row("killed (SIGKILL)", report.short(report.victim))
+        moved = (
+            ", ".join(f"{t} -> {report.short(w)}" for t, w in report.moved.items()) or "none held"
+        )
         table.add_row("moved after the kill", moved)
         if report.detected_at_ms:
             seconds = (report.detected_at_ms - report.killed_at_ms) / 1000
@@ -545,8 +433,8 @@ def _summary(report: DemoReport, console: Console, data_dir: Path, config: DemoC
     for recovery in report.recoveries:
         table.add_row(
             "recovery",
-            f"{_short(recovery.agent_id)}: {recovery.action}"
-            + (f" -> {_short(recovery.replacement)}" if recovery.replacement else "")
+            f"{report.short(recovery.agent_id)}: {recovery.action}"
+            + (f" -> {report.short(recovery.replacement)}" if recovery.replacement else "")
             + f" ({recovery.detail})",
         )
     table.add_row("exactly once", "yes" if report.exactly_once else "[red]NO[/]")
@@ -559,6 +447,25 @@ def _summary(report: DemoReport, console: Console, data_dir: Path, config: DemoC
     console.print(table)
 
 
+async def _run_until_sigterm(url: str, config: DemoConfig, console: Console) -> DemoReport:
+    """The project, cut short by SIGTERM like by Ctrl-C: the supervisor then stops every worker,
+    so no process outlives the demo."""
+    report: DemoReport | None = None
+    async with anyio.create_task_group() as group:
+
+        async def cancel_on_sigterm() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    group.cancel_scope.cancel()
+
+        group.start_soon(cancel_on_sigterm)
+        report = await run_project(url, config, console)
+        group.cancel_scope.cancel()
+    if report is None:
+        raise RepertoryError("stopped by SIGTERM; every worker was stopped")
+    return report
+
+
 def run_demo(url: str | None, data_dir: Path, *, config: DemoConfig | None = None) -> None:
     """`repertory demo`: exits 1 unless every task completed exactly once in effect."""
     console = Console()
@@ -566,20 +473,23 @@ def run_demo(url: str | None, data_dir: Path, *, config: DemoConfig | None = Non
     config.log_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(config.log_dir / "coordinator.log")
     handler.setFormatter(JsonLogFormatter(agent="coordinator"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    # The supervisor's lines (workers started, exited) go to the same log, not over the view.
+    for name in ("repertory.agents", "repertory.supervisor"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).propagate = False
     try:
         if url is not None:
-            report = anyio.run(run_project, url, config, console)
+            report = anyio.run(_run_until_sigterm, url, config, console)
         else:
             # The logs stay in data_dir (AOF) for `repertory replay`; the server is stopped
             # again only if this run started it, so no process outlives the demo.
             with EmbeddedServer(data_dir) as server:
                 console.print(f"embedded valkey-server at {server.url} (data in {data_dir})")
-                report = anyio.run(run_project, server.url, config, console)
+                report = anyio.run(_run_until_sigterm, server.url, config, console)
     finally:
-        logger.removeHandler(handler)
+        for name in ("repertory.agents", "repertory.supervisor"):
+            logging.getLogger(name).removeHandler(handler)
         handler.close()
     _summary(report, console, data_dir, config)
     if not report.exactly_once:

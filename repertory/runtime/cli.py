@@ -27,6 +27,7 @@ from repertory.streams.embedded import EmbeddedServer, EmbeddedServerError, Serv
 if TYPE_CHECKING:  # the replay tools are imported by their commands only
     from rich.progress import Progress
 
+    from repertory.actors.agents import Strategy
     from repertory.runtime.admin import (
         DeadLetterRef,
         DeadLetterView,
@@ -233,10 +234,57 @@ def run(
         anyio.run(serve, actor_system, config)
 
 
+class WorkerStrategy(enum.StrEnum):
+    RESTART = "restart"
+    REPLACE = "replace"
+    ALERT = "alert"
+
+
 @app.command()
 def spawn(
-    system: Annotated[str, typer.Argument(help="The ActorSystem to serve, as MODULE:ATTRIBUTE.")],
-    processes: Annotated[int, typer.Option("-n", "--processes", help="Node processes.")] = 2,
+    system: Annotated[
+        str | None,
+        typer.Argument(
+            help="The ActorSystem whose nodes to run, as MODULE:ATTRIBUTE (or give --workers).",
+            show_default=False,
+        ),
+    ] = None,
+    processes: Annotated[int, typer.Option("-n", "--processes", help="Child processes.")] = 2,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            help="Run worker agents instead of nodes: their task handler, as MODULE:FUNCTION.",
+            show_default=False,
+        ),
+    ] = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(help="The task queue the workers serve (default: the project's name)."),
+    ] = None,
+    project: Annotated[
+        str | None,
+        typer.Option(help="Workers exit once the queue is empty and this project is complete."),
+    ] = None,
+    app_name: Annotated[
+        str, typer.Option("--app", help="The workers' application namespace.")
+    ] = "agents",
+    strategy: Annotated[
+        WorkerStrategy,
+        typer.Option(
+            help="What the health monitor does with a worker that fails: restart (this "
+            "supervisor restarts it), replace (a new worker in its place), alert (nothing)."
+        ),
+    ] = WorkerStrategy.RESTART,
+    visibility: Annotated[
+        float, typer.Option(help="Seconds a worker's claim on a task lasts unrenewed.")
+    ] = 5.0,
+    heartbeat: Annotated[
+        float, typer.Option(help="Seconds between a worker's heartbeats to the monitor.")
+    ] = 2.0,
+    log_dir: Annotated[
+        Path | None,
+        typer.Option(help="Write each child's output to LOG_DIR/ID.log instead of here."),
+    ] = None,
     url: Annotated[
         str | None,
         typer.Option(help="Redis URL (default: the embedded server of DATA_DIR, shared)."),
@@ -247,31 +295,46 @@ def spawn(
     ] = 5,
     period: Annotated[float, typer.Option(help="The restart-intensity window, seconds.")] = 60.0,
     shutdown_timeout: Annotated[
-        float, typer.Option(help="Seconds each node may take to stop gracefully.")
+        float, typer.Option(help="Seconds each child may take to stop gracefully.")
     ] = 10.0,
 ) -> None:
-    """Run N node processes of SYSTEM under a supervisor until SIGTERM or SIGINT.
+    """Run N node processes of SYSTEM, or N worker agents (--workers), under a supervisor.
 
-    A crashed node is restarted with exponential backoff; too many restarts within the period
-    stop the group (exit 1). Signals are forwarded for a graceful stop of every node. The
-    partition owners are printed whenever they change.
+    A crashed child is restarted with exponential backoff; too many restarts within the period
+    stop the group (exit 1). SIGTERM or SIGINT is forwarded for a graceful stop of every child.
+    Nodes: the partition owners are printed whenever they change, and if SYSTEM hosts a
+    health monitor, the nodes are registered with it. Workers: a worker that is done (its
+    project complete) exits 0 and is not restarted; the group stops when all are done; the
+    health monitor's recovery decisions about them are carried out here.
     """
     import anyio
 
-    from repertory.runtime.runner import load_system
-    from repertory.runtime.supervisor import (
-        Supervisor,
-        SupervisorConfig,
-        node_command,
-        watch_owners,
-    )
+    from repertory.runtime.supervisor import Supervisor, SupervisorConfig
 
+    if (system is None) == (workers is None):
+        errors.print("[bold red]error:[/] give either SYSTEM (nodes) or --workers HANDLER")
+        raise typer.Exit(2)
+    queue = queue or project
+    if workers is not None and queue is None:
+        errors.print("[bold red]error:[/] --workers needs --queue (or --project)")
+        raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    strategies: dict[WorkerStrategy, Strategy] = {
+        WorkerStrategy.RESTART: "restart",
+        WorkerStrategy.REPLACE: "replace",
+        WorkerStrategy.ALERT: "alert",
+    }
+    worker_strategy = strategies[strategy]
     config = SupervisorConfig(
         processes=processes,
         max_restarts=max_restarts,
         period_s=period,
         shutdown_timeout_s=shutdown_timeout,
+        restart="permanent"
+        if workers is None
+        else ("transient" if worker_strategy == "restart" else "temporary"),
+        fresh_ids=workers is not None,
+        log_dir=log_dir,
     )
 
     def show(owners: dict[tuple[str, int], str | None]) -> None:
@@ -282,21 +345,60 @@ def spawn(
             table.add_row(kind, str(number), owner or "-")
         console.print(table)
 
-    async def supervise(server_url: str) -> None:
-        actor_system = load_system(system)
+    async def supervise_nodes(server_url: str, spec: str) -> None:
+        from repertory.actors.agents import HealthMonitor
+        from repertory.runtime.agents_followers import NodeWatcher
+        from repertory.runtime.runner import load_system
+        from repertory.runtime.supervisor import node_command, watch_owners
+
+        actor_system = load_system(spec)
         actor_system.url = server_url
-        supervisor = Supervisor(node_command(system, server_url, shutdown_timeout), config)
+        supervisor = Supervisor(node_command(spec, server_url, shutdown_timeout), config)
         async with actor_system, anyio.create_task_group() as group:
             group.start_soon(watch_owners, actor_system, show)
+            if any(isinstance(actor, HealthMonitor) for actor in actor_system.actors.values()):
+                group.start_soon(NodeWatcher(actor_system).run)
             await supervisor.run()
             group.cancel_scope.cancel()
 
+    async def supervise_workers(server_url: str, handler: str, queue_name: str) -> None:
+        from repertory.runtime.agents_followers import run_worker_group
+        from repertory.runtime.agents_worker import agents_system, worker_command
+        from repertory.streams.taskqueue import TaskQueue
+
+        command = worker_command(
+            handler,
+            url=server_url,
+            queue=queue_name,
+            project_id=project,
+            app=app_name,
+            visibility_s=visibility,
+            heartbeat_s=heartbeat,
+            strategy=worker_strategy,
+            stop_grace_s=shutdown_timeout,
+        )
+        supervisor = Supervisor(command, config)
+        async with agents_system(server_url, app=app_name) as agents:
+            task_queue = TaskQueue(agents.client, queue_name, keys=agents.keys)
+            await task_queue.ensure()
+            await run_worker_group(
+                agents, supervisor, task_queue, visibility_ms=round(visibility * 1000)
+            )
+        codes = ", ".join(f"{agent}: {code}" for agent, code in supervisor.exit_codes().items())
+        console.print(f"workers stopped; exit codes: {codes}")
+
+    def supervise(server_url: str) -> None:
+        if system is not None:
+            anyio.run(supervise_nodes, server_url, system)
+        elif workers is not None and queue is not None:
+            anyio.run(supervise_workers, server_url, workers, queue)
+
     with _reported():
         if url is not None:
-            anyio.run(supervise, url)
+            supervise(url)
             return
         with EmbeddedServer(data_dir) as server:
-            anyio.run(supervise, server.url)
+            supervise(server.url)
 
 
 def main() -> None:
