@@ -1,10 +1,11 @@
 """Replay tools: verify and replay (states_at, timeline) against raw XRANGE + msgspec decode.
 
-The raw baseline reads the same stream with XRANGE in batches of 1,000 and decodes each entry
-with one msgspec pass into a struct mirroring the event record with its payload typed; the
-tools do more (verify also checks versions, decodes record and payload separately so that one
-bad entry is reported rather than fatal, and folds the state; states_at folds it), so the
-ratio is what all of that costs.
+The raw baseline reads the same stream with XRANGE in batches of 1,000, its replies taken as
+the server sends them (as the event store takes them; `raw, redis-py xrange()` is the same
+through redis-py's reply callback, for reference), and decodes each entry with one msgspec
+pass into a struct mirroring the event record with its payload typed. The tools do more:
+verify also checks that versions run on without a gap and folds the state (going entry by
+entry where a batch has a problem), states_at folds it, so the ratio is what that costs.
 
 `python -m benchmarks.bench_replay memory [--quick]` measures the peak memory of `verify` at
 two log sizes (100,000 and 1,000,000 events; --quick: 2,000 and 20,000) on its own embedded
@@ -17,18 +18,25 @@ import resource
 import tempfile
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import cast
 
 import msgspec
 import redis.asyncio
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.bench_eventstore import Deposited, RawEventRecord
-from benchmarks.harness import APPENDFSYNC, Benchmark, Environment, Sample, Variant, timed
+from benchmarks.bench_eventstore import Deposited, raw_replay, raw_replay_parsed
+from benchmarks.harness import (
+    APPENDFSYNC,
+    Benchmark,
+    Environment,
+    RoundRunner,
+    Sample,
+    Variant,
+    timed,
+)
 from repertory.actors.model import Actor, applier
 from repertory.runtime.archive import verify
 from repertory.runtime.replay import states_at, timeline
@@ -36,13 +44,11 @@ from repertory.runtime.system import ActorSystem
 from repertory.schemas import schema
 from repertory.streams.client import create_client
 from repertory.streams.embedded import EmbeddedServer
-from repertory.streams.eventstore import EVENT_FIELD
 from repertory.streams.keys import Address
 
 TARGET = 0.8
 APP = "benchreplay"
 KIND = "ledger"
-READ_BATCH = 1000
 WRITE_BATCH = 1000
 MEMORY_SIZES = (100_000, 1_000_000)
 QUICK_MEMORY_SIZES = (2_000, 20_000)
@@ -60,24 +66,6 @@ class Ledger(Actor[Balance]):
     @applier
     def deposited(self, state: Balance, event: Deposited) -> Balance:
         return Balance(state.total + event.amount)
-
-
-async def raw_replay(client: "redis.asyncio.Redis", key: str) -> int:
-    """XRANGE in batches, one typed msgspec decode per entry: the baseline."""
-    decode = msgspec.msgpack.Decoder(RawEventRecord).decode
-    count = 0
-    lower: bytes | str = "-"
-    while True:
-        entries = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await client.xrange(key, lower, "+", count=READ_BATCH),
-        )
-        for _entry_id, fields in entries:
-            decode(fields[EVENT_FIELD])
-            count += 1
-        if len(entries) < READ_BATCH:
-            return count
-        lower = b"(" + entries[-1][0]
 
 
 async def write_log(system: ActorSystem, address: Address, total: int) -> None:
@@ -120,14 +108,24 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
         await raw_client.aclose()
 
 
-def _raw_variant(raw_client: "redis.asyncio.Redis", key: str, total: int) -> Variant:
-    async def raw_round(round_index: int) -> Sample:
-        async def body() -> None:
-            _check(f"entries read from {key}", await raw_replay(raw_client, key), total)
+def _raw_variants(raw_client: "redis.asyncio.Redis", key: str, total: int) -> list[Variant]:
+    """The baseline, and for reference the same through redis-py's xrange()."""
 
-        return await timed(total, body)
+    def raw_round_with(
+        replay: Callable[["redis.asyncio.Redis", str], Awaitable[int]],
+    ) -> RoundRunner:
+        async def raw_round(round_index: int) -> Sample:
+            async def body() -> None:
+                _check(f"entries read from {key}", await replay(raw_client, key), total)
 
-    return Variant("raw XRANGE + decode", raw_round, baseline=True)
+            return await timed(total, body)
+
+        return raw_round
+
+    return [
+        Variant("raw XRANGE + decode", raw_round_with(raw_replay), baseline=True),
+        Variant("raw, redis-py xrange()", raw_round_with(raw_replay_parsed)),
+    ]
 
 
 def _verify(env: Environment, system: ActorSystem, raw_client: "redis.asyncio.Redis") -> Benchmark:
@@ -152,7 +150,7 @@ def _verify(env: Environment, system: ActorSystem, raw_client: "redis.asyncio.Re
         unit="events",
         prepare=lambda: write_log(system, address, total),
         variants=[
-            _raw_variant(raw_client, system.keys.events(address), total),
+            *_raw_variants(raw_client, system.keys.events(address), total),
             Variant("repertory verify", repertory_round, target=TARGET),
         ],
     )
@@ -187,7 +185,7 @@ def _replay(env: Environment, system: ActorSystem, raw_client: "redis.asyncio.Re
         unit="events",
         prepare=lambda: write_log(system, address, total),
         variants=[
-            _raw_variant(raw_client, system.keys.events(address), total),
+            *_raw_variants(raw_client, system.keys.events(address), total),
             Variant("repertory states_at", states_round, target=TARGET),
             Variant("repertory timeline", timeline_round),
         ],

@@ -5,18 +5,21 @@ message goes send (XADD) -> read (XREADGROUP) -> handled -> committed (one EVALS
 `commit.lua`: event, handled message, dedupe id, XACK) in both the node and its raw baseline.
 
 The raw baseline (`RawNode`) is the node's Redis work written by hand with no framework: one
-reader per partition reading batches of `read_count`, one task per actor fed by a bounded
-asyncio.Queue (serial within an actor, concurrent across actors), activation by HGET of the snapshot
-and XRANGE of the events on an actor's first message, then per message one msgspec decode of
-the envelope, one msgspec encode of the event record and one EVALSHA of the same commit script
-with the same keys and arguments (epoch check included).
+reader per partition reading batches of `read_count` into a queue per actor, a fixed set of
+handler tasks (the node's `max_handling`) taking actors with messages waiting from one ready
+queue (serial within an actor, concurrent across actors), as the node does, activation by HGET
+of the snapshot and XRANGE of the events on an actor's first message, then per message one
+msgspec decode of the envelope, one msgspec encode of the event record and one EVALSHA of the
+same commit script with the same keys and arguments (epoch check included).
 
 Each round of a node or raw variant works in an application namespace of its own (fresh keys,
 fresh consumer groups), starts its runtime before the clock and stops it after, and empties
 the database once its checks are done, so that 100,000-actor rounds do not pile up in memory.
 """
 
+import argparse
 import asyncio
+import collections
 import contextlib
 import importlib.util
 import threading
@@ -24,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, cast
 from urllib.parse import urlsplit
@@ -32,8 +35,19 @@ from urllib.parse import urlsplit
 import anyio
 import msgspec
 import redis.asyncio
+from rich.console import Console
 
-from benchmarks.harness import Benchmark, Environment, Sample, Variant, sequential
+from benchmarks.harness import (
+    DEFAULT_ROUNDS,
+    Benchmark,
+    Environment,
+    Sample,
+    Suite,
+    Variant,
+    render_markdown,
+    run_suites,
+    sequential,
+)
 from repertory.actors.model import Actor, Context, applier, command
 from repertory.runtime.node import Node, NodeConfig
 from repertory.runtime.system import ActorSystem, rebuild
@@ -314,6 +328,20 @@ async def repertory_runtime(
 # The same work by hand.
 
 
+@dataclass(slots=True, eq=False)
+class RawActor:
+    """An actor of the raw runtime: the messages waiting for it and its state once loaded."""
+
+    address: Address
+    keys: list[str]
+    waiting: collections.deque[Delivery] = field(default_factory=collections.deque)
+    loaded: bool = False
+    held: bool = False
+    """Queued for a handler task, or held by one."""
+    state: Count = field(default_factory=Count)
+    version: int = 0
+
+
 class RawNode:
     """The node's Redis work with no framework; see the module's docstring."""
 
@@ -333,7 +361,8 @@ class RawNode:
         self.group = layout.group(KIND)
         self.consumer = f"raw-{uuid.uuid4().hex[:6]}"
         self.epoch = "1"
-        self.mailboxes: dict[str, asyncio.Queue[Delivery]] = {}
+        self.actors: dict[str, RawActor] = {}
+        self.ready: asyncio.Queue[RawActor] = asyncio.Queue()
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
         self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
@@ -358,7 +387,22 @@ class RawNode:
         inbox = self.layout.inbox_of(address)
         await self.client.xadd(inbox, {MESSAGE_FIELD: self._encode(envelope)})
 
-    async def read(self, number: int, actors: asyncio.TaskGroup) -> None:
+    def _actor(self, target: str) -> RawActor:
+        layout = self.layout
+        address = Address.parse(target)
+        number = layout.partition_of(address)
+        keys = [
+            layout.events(address),
+            layout.handled(address),
+            layout.inbox(KIND, number),
+            layout.seen(KIND, number),
+            layout.epoch(KIND, number),
+            layout.outbox(KIND, number),
+            layout.timers(KIND, number),
+        ]
+        return RawActor(address, keys)
+
+    async def read(self, number: int) -> None:
         inbox = self.layout.inbox(KIND, number)
         while True:
             response = await self.client.xreadgroup(
@@ -373,48 +417,46 @@ class RawNode:
             for entry_id, fields in response[0][1]:
                 data = fields[MESSAGE_FIELD]
                 envelope = self._decode(data)
-                mailbox = self.mailboxes.get(envelope.target)
-                if mailbox is None:
-                    mailbox = asyncio.Queue(self.config.mailbox_size)
-                    self.mailboxes[envelope.target] = mailbox
-                    actors.create_task(self.actor(Address.parse(envelope.target), mailbox))
-                await mailbox.put((entry_id, data, envelope))
+                actor = self.actors.get(envelope.target)
+                if actor is None:
+                    actor = self.actors[envelope.target] = self._actor(envelope.target)
+                actor.waiting.append((entry_id, data, envelope))
+                if not actor.held:
+                    actor.held = True
+                    self.ready.put_nowait(actor)
 
-    async def actor(self, address: Address, mailbox: "asyncio.Queue[Delivery]") -> None:
-        layout, client = self.layout, self.client
-        number = layout.partition_of(address)
-        keys = [
-            layout.events(address),
-            layout.handled(address),
-            layout.inbox(KIND, number),
-            layout.seen(KIND, number),
-            layout.epoch(KIND, number),
-            layout.outbox(KIND, number),
-            layout.timers(KIND, number),
-        ]
-        # Activation, as the node does it: the snapshot, then the events after it.
-        state = Count()
-        version = 0
-        await client.hget(layout.snapshots_of(address), address.id)
+    async def activate(self, actor: RawActor) -> None:
+        """As the node does it: the snapshot, then the events after it."""
+        client = self.client
+        await client.hget(self.layout.snapshots_of(actor.address), actor.address.id)
         entries = cast(
             list[tuple[bytes, dict[bytes, bytes]]],
-            await client.xrange(keys[0], "1-0", "+", count=READ_BATCH),
+            await client.xrange(actor.keys[0], "1-0", "+", count=READ_BATCH),
         )
         for _entry_id, fields in entries:
             event = self._decode_event(fields[EVENT_FIELD]).payload
-            state = Count(state.count + 1, state.total + event.amount)
-            version += 1
-        encode, sha, group, epoch = self._encode, self.commit_sha, self.group, self.epoch
+            actor.state = Count(actor.state.count + 1, actor.state.total + event.amount)
+            actor.version += 1
+        actor.loaded = True
+
+    async def handle(self) -> None:
+        """A handler task: takes the next actor with messages waiting and commits what waits
+        for it together (up to the node's `commit_batch`), as the node does."""
+        client, encode, sha, group, epoch = (
+            self.client, self._encode, self.commit_sha, self.group, self.epoch
+        )  # fmt: skip
         while True:
-            # What is waiting in the mailbox is committed together, as the node does.
-            batch = [await mailbox.get()]
-            while len(batch) < COMMIT_BATCH and not mailbox.empty():
-                batch.append(mailbox.get_nowait())
+            actor = await self.ready.get()
+            if not actor.loaded:
+                await self.activate(actor)
+            waiting = actor.waiting
+            batch = [waiting.popleft() for _ in range(min(len(waiting), COMMIT_BATCH))]
             now = _now_ms()
             args: list[object] = [
-                group, epoch, version, now, SEEN.window_ms, SEEN.limit, len(batch)
+                group, epoch, actor.version, now, SEEN.window_ms, SEEN.limit, len(batch)
             ]  # fmt: skip
             dedupe_ids = []
+            state = actor.state
             for entry_id, data, envelope in batch:
                 event = Added(envelope.payload.amount)
                 record = RawEventRecord(
@@ -429,17 +471,24 @@ class RawNode:
                 dedupe_ids.append(dedupe_id)
                 args.extend((entry_id, dedupe_id, data, "", now, 1, encode(record), 0, 0, 0))
                 state = Count(state.count + 1, state.total + event.amount)
-            status, version = await client.evalsha(sha, len(keys), *keys, *args)
+            status, version = await client.evalsha(sha, len(actor.keys), *actor.keys, *args)
             if status != 1:
-                raise RuntimeError(f"raw commit of {address}: status {status}")
+                raise RuntimeError(f"raw commit of {actor.address}: status {status}")
+            actor.state, actor.version = state, version
             if self.on_commit is not None:
                 for dedupe_id in dedupe_ids:
                     self.on_commit(dedupe_id)
+            if waiting:
+                self.ready.put_nowait(actor)
+            else:
+                actor.held = False
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as actors:
+        async with asyncio.TaskGroup() as tasks:
             for number in range(PARTITIONS):
-                actors.create_task(self.read(number, actors))
+                tasks.create_task(self.read(number))
+            for _ in range(self.config.max_handling):
+                tasks.create_task(self.handle())
 
 
 def _raise_if_failed(task: "asyncio.Task[None]") -> None:
@@ -807,7 +856,8 @@ def _task_queues(
 
 class RawActivation:
     """Rebuild by hand: HGET the snapshot, XRANGE the events after it in batches, one msgspec
-    decode per event (payload typed), fold."""
+    decode per event (payload typed), fold. The XRANGE replies are taken as the server sends
+    them, as the event store takes them (see bench_eventstore.raw_replay)."""
 
     def __init__(self, client: "redis.asyncio.Redis", layout: KeyLayout) -> None:
         self.client = client
@@ -824,13 +874,12 @@ class RawActivation:
         decode = self._decode_event
         lower = f"{version + 1}-0"
         while True:
-            entries = cast(
-                list[tuple[bytes, dict[bytes, bytes]]],
-                await self.client.xrange(key, lower, "+", count=READ_BATCH),
+            entries = await self.client.execute_command(
+                b"XRANGE", key, lower, b"+", b"COUNT", READ_BATCH
             )
             count, total = state.count, state.total
             for _entry_id, fields in entries:
-                total += decode(fields[EVENT_FIELD]).payload.amount
+                total += decode(fields[1]).payload.amount  # fields == [b"e", record]
                 count += 1
             state = Count(count, total)
             version += len(entries)
@@ -946,3 +995,30 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             queue_rig.close()
         await client.aclose()
         await admin.aclose()
+
+
+@asynccontextmanager
+async def activation_suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
+    """The activation benchmarks alone: they take seconds, the whole suite a quarter hour."""
+    async with suite(env) as benchmarks:
+        yield [benchmark for benchmark in benchmarks if benchmark.name.startswith("activation")]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_runtime",
+        description="The runtime suite's activation benchmarks alone.",
+    )
+    parser.add_argument("what", choices=["activation"])
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="measured rounds")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = parser.parse_args(argv)
+    only = Suite("runtime", "activation", activation_suite)
+    report = asyncio.run(
+        run_suites([only], rounds=args.rounds, quick=args.quick, console=Console(stderr=True))
+    )
+    print(render_markdown(report), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from repertory.actors.model import applier
 from repertory.runtime.archive import ImportFileError, export_lines, import_lines, verify
 from repertory.runtime.cli import app
 from repertory.runtime.system import ActorSystem
@@ -72,6 +73,46 @@ async def test_verify_finds_a_gap_a_corrupt_entry_and_a_stale_snapshot(
             ("ledger/b", "undecodable-event"),
         }
         assert structural.unchecked_kinds == ["ledger"]
+
+
+class Fussy(LedgerActor):
+    """The ledger, except that its applier cannot take a deposit of 13."""
+
+    @applier
+    def deposited(self, state: Ledger, event: Deposited) -> Ledger:
+        if event.amount == 13:
+            raise ValueError("unlucky")
+        return Ledger(state.balance + event.amount, [*state.entries, event.amount])
+
+
+async def test_verify_folds_logs_longer_than_a_read_batch(redis: RedisClient) -> None:
+    """2,500 events (three XRANGE batches), a snapshot inside the second batch: sound, then
+    stale; and an applier that raises at event 1,700 is reported there."""
+    address = Address("ledger", "long")
+    amounts = [index % 5 + 1 for index in range(2500)]
+    amounts[1699] = 13
+    async with ActorSystem(LedgerActor(), app=APP, partitions=4, client=redis) as system:
+        version = 0
+        for start in range(0, len(amounts), 500):
+            events = [Deposited(amount) for amount in amounts[start : start + 500]]
+            version = await system.store.append(address, events, expected_version=version)
+        state = Ledger(sum(amounts[:1500]), amounts[:1500])
+        await system.store.save_snapshot(address, state, 1500)
+        report = await verify(system, [address])
+        assert report.ok, report.problems
+        assert (report.events, report.snapshots) == (2500, 1)
+
+        await system.store.save_snapshot(address, Ledger(1, [1]), 1500)
+        report = await verify(system, [address])
+        assert [(p.kind, p.version) for p in report.problems] == [("stale-snapshot", 1500)]
+
+        fussy = ActorSystem(Fussy(), app=APP, partitions=4, client=redis)
+        report = await verify(fussy, [address])
+        assert [(p.kind, p.version) for p in report.problems] == [
+            ("stale-snapshot", 1500),
+            ("applier-error", 1700),
+        ]
+        assert "test.replay.deposited raised ValueError('unlucky')" in report.problems[1].detail
 
 
 async def export_of(system: ActorSystem) -> list[bytes]:

@@ -4,10 +4,12 @@ import uuid
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from repertory.schemas import Codec, Format, schema
 from repertory.streams.client import RedisClient
-from repertory.streams.eventstore import ConflictError, EventStore
+from repertory.streams.eventstore import ConflictError, EntryBatch, EventStore
 from repertory.streams.keys import Address, KeyLayout
 
 pytestmark = pytest.mark.anyio
@@ -144,3 +146,34 @@ async def test_script_is_reloaded_after_the_server_forgets_it(redis: RedisClient
 async def test_negative_expected_version_is_refused(redis: RedisClient) -> None:
     with pytest.raises(ValueError, match="expected_version"):
         await EventStore(redis).append(actor(), [Noted("a")], expected_version=-1)
+
+
+async def test_entries_are_read_whatever_their_fields(redis: RedisClient) -> None:
+    """Entries the append script did not write: the record is the `e` field wherever it is
+    among the entry's fields, and b"" in an entry without one."""
+    store = EventStore(redis, read_batch=2)
+    address = actor()
+    key = store.keys.events(address)
+    await redis.xadd(key, {b"e": b"one"}, id="1-0")
+    await redis.xadd(key, {b"x": b"1", b"e": b"two"}, id="2-0")
+    await redis.xadd(key, {b"x": b"1"}, id="3-5")
+    batches = [batch async for batch in store.entry_batches(address, 1, None)]
+    assert [batch.entry_ids for batch in batches] == [[b"1-0", b"2-0"], [b"3-5"]]
+    assert [batch.records for batch in batches] == [[b"one", b"two"], [b""]]
+    assert batches[0].runs_from(1)
+    assert not batches[0].runs_from(2)
+    assert not batches[1].runs_from(3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ids=st.lists(st.tuples(st.integers(1, 120), st.sampled_from([0, 1, 10, 20, 100])), unique=True),
+    version=st.integers(1, 120),
+)
+def test_a_batch_runs_from_a_version_only_if_its_ids_are_the_versions_from_it(
+    ids: list[tuple[int, int]], version: int
+) -> None:
+    entry_ids = [b"%d-%d" % entry_id for entry_id in sorted(ids)]  # a stream's ids increase
+    batch = EntryBatch(entry_ids, [b""] * len(entry_ids))
+    expected = [b"%d-0" % (version + offset) for offset in range(len(entry_ids))]
+    assert batch.runs_from(version) == (bool(entry_ids) and entry_ids == expected)

@@ -224,6 +224,22 @@ async def test_replay_at_a_version_equals_state_of_at_that_version(
     await client.aclose()
 
 
+async def test_states_at_versions_across_read_batches(redis: RedisClient) -> None:
+    """A log longer than one XRANGE batch (1,000), with versions wanted at the edges of
+    batches and inside them."""
+    amounts = [index % 7 + 1 for index in range(2500)]
+    async with ActorSystem(LedgerActor(), app=APP, partitions=4, client=redis) as system:
+        version = 0
+        for start in range(0, len(amounts), 500):
+            events = [Deposited(amount) for amount in amounts[start : start + 500]]
+            version = await system.store.append(LEDGER, events, expected_version=version)
+        wanted = [0, 1, 999, 1000, 1001, 1500, 2000, 2001, 2500]
+        views = await states_at(system, LEDGER, wanted)
+    assert {v: (view.version, view.state) for v, view in views.items()} == {
+        v: (v, Ledger(sum(amounts[:v]), amounts[:v])) for v in wanted
+    }
+
+
 # The command line, on the real server (the CLI connects by URL).
 
 

@@ -235,16 +235,24 @@ class Actor(Generic[S]):
     def apply(self, state: S, event: msgspec.Struct) -> S:
         applier_function = self._appliers.get(type(event))
         if applier_function is None:
-            raise ActorDefinitionError(
-                f"{type(self).__name__} has no applier for {type(event).__name__}"
-            )
+            raise self._no_applier(event)
         new_state: S = applier_function(self, state, event)
         return new_state
 
     def fold(self, state: S, events: Iterable[msgspec.Struct]) -> S:
+        # `apply` inlined: activation folds up to 100,000 events, and a call per event shows.
+        appliers = self._appliers
         for event in events:
-            state = self.apply(state, event)
+            applier_function = appliers.get(type(event))
+            if applier_function is None:
+                raise self._no_applier(event)
+            state = applier_function(self, state, event)
         return state
+
+    def _no_applier(self, event: msgspec.Struct) -> ActorDefinitionError:
+        return ActorDefinitionError(
+            f"{type(self).__name__} has no applier for {type(event).__name__}"
+        )
 
 
 def _as_events(result: HandlerResult) -> list[msgspec.Struct]:

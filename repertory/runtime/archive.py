@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from repertory.actors.model import Actor
 from repertory.runtime.replay import (
     ReplayError,
     actors_of,
@@ -21,13 +22,12 @@ from repertory.runtime.replay import (
     handled_messages,
     kinds_of,
     parse_entry_id,
-    raw_event_batches,
     raw_events,
 )
 from repertory.runtime.system import ActorSystem
 from repertory.schemas import Codec, Envelope, EventRecord, SnapshotRecord
 from repertory.schemas.errors import DecodeError, RepertoryError
-from repertory.streams.eventstore import ConflictError
+from repertory.streams.eventstore import ConflictError, EntryBatch
 from repertory.streams.keys import Address, KeyLayoutError
 
 EXPORT_FORMAT = "repertory-export"
@@ -131,29 +131,27 @@ async def _verify_actor(
     expected = 1
     if snapshot_version == 0 and folding:
         _compare_snapshot(name, 0, state, snapshot_state, report)
-    async for batch in raw_event_batches(system, address):
-        report.events += len(batch)
-        decoded = _decode_contiguous(codec, batch, expected) if folding else None
+    async for batch in system.store.entry_batches(address, 1, None):
+        report.events += len(batch.records)
+        decoded = _decode_run(codec, batch, expected) if folding else None
         if decoded is not None:
-            # The common case, a whole batch sound: decoded in one pass of msgspec calls.
+            # The common case, a whole batch sound: decoded in one pass of msgspec calls and
+            # folded in one call, or two when the snapshot's version falls in the batch.
             assert actor is not None
-            for version, event in enumerate(decoded, start=expected):
-                try:
-                    state = actor.apply(state, event)
-                except Exception as error:
-                    type_name = codec.registry.info_for(type(event)).name
-                    detail = f"applying {type_name} raised {error!r}"
-                    report.add(
-                        Problem(address=name, kind="applier-error", detail=detail, version=version)
-                    )
-                    folding = False
-                    break
-                if version == snapshot_version:
-                    _compare_snapshot(name, version, state, snapshot_state, report)
-            expected += len(batch)
+            end = expected + len(decoded)
+            rest, rest_from = decoded, expected
+            if snapshot_version is not None and expected <= snapshot_version < end:
+                cut = snapshot_version - expected + 1
+                state, folding = _fold(codec, actor, state, decoded[:cut], expected, name, report)
+                if folding:
+                    _compare_snapshot(name, snapshot_version, state, snapshot_state, report)
+                rest, rest_from = decoded[cut:], snapshot_version + 1
+            if folding and rest:
+                state, folding = _fold(codec, actor, state, rest, rest_from, name, report)
+            expected = end
         else:
             # Entry by entry, to report each problem where it is.
-            for entry_id, data in batch:
+            for entry_id, data in zip(batch.entry_ids, batch.records, strict=True):
                 version, sequence = parse_entry_id(entry_id)
                 if version != expected or sequence != 0:
                     detail = f"expected version {expected}, found entry {entry_id.decode()}"
@@ -199,22 +197,44 @@ async def _verify_actor(
         )
 
 
-def _decode_contiguous(
-    codec: Codec, batch: list[tuple[bytes, bytes]], expected: int
-) -> list[msgspec.Struct] | None:
+def _decode_run(codec: Codec, batch: EntryBatch, expected: int) -> list[msgspec.Struct] | None:
     """The batch's events if its versions run on from `expected` without a gap and every entry
     decodes; else None (the caller then looks at each entry)."""
-    first, _ = parse_entry_id(batch[0][0])
-    last, _ = parse_entry_id(batch[-1][0])
-    # Entry ids only increase: with every sequence 0, first and last bound every version.
-    if first != expected or last != expected + len(batch) - 1:
-        return None
-    if not all(entry_id.endswith(b"-0") for entry_id, _ in batch):
+    if not batch.runs_from(expected):
         return None
     try:
-        return codec.decode_event_payloads([data for _, data in batch])
+        return codec.decode_event_payloads(batch.records)
     except DecodeError:
         return None
+
+
+def _fold(
+    codec: Codec,
+    actor: Actor[Any],
+    state: Any,
+    events: list[msgspec.Struct],
+    first: int,
+    name: str,
+    report: VerifyReport,
+) -> tuple[Any, bool]:
+    """`events` (versions `first`, ...) folded onto `state`, and whether that worked; if an
+    applier raised, the problem is reported at the event that raised."""
+    try:
+        return actor.fold(state, events), True
+    except Exception as error:
+        failure = error
+    # Again event by event, to find the one that raised.
+    detail = f"applying events {first} to {first + len(events) - 1} raised {failure!r}"
+    failed_at = first
+    for version, event in enumerate(events, start=first):
+        try:
+            state = actor.apply(state, event)
+        except Exception as error:
+            detail = f"applying {codec.registry.info_for(type(event)).name} raised {error!r}"
+            failed_at = version
+            break
+    report.add(Problem(address=name, kind="applier-error", detail=detail, version=failed_at))
+    return state, False
 
 
 async def _load_snapshot(

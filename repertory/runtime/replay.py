@@ -438,21 +438,24 @@ async def states_at(
     remaining = deque(wanted)
     while remaining and remaining[0] == 0:
         views[remaining.popleft()] = ActorView(0, state)
-    apply, decode = actor.apply, system.codec.decode_event_payloads
-    # A decoded batch at a time, folded in a plain loop: no per-event object or async step.
-    async for batch in raw_event_batches(system, address, 1, wanted[-1] if remaining else 0):
-        first, _ = parse_entry_id(batch[0][0])
-        last, _ = parse_entry_id(batch[-1][0])
-        contiguous = first == version + 1 and last == version + len(batch)
-        if not contiguous or not all(entry_id.endswith(b"-0") for entry_id, _ in batch):
+    decode = system.codec.decode_event_payloads
+    # A decoded batch at a time, folded up to each wanted version inside it: no per-event
+    # Python work but the appliers.
+    stop = wanted[-1] if remaining else 0
+    async for batch in system.store.entry_batches(address, 1, stop):
+        if not batch.runs_from(version + 1):
             break  # a gap: reported below
-        for event in decode([data for _, data in batch]):
-            state = apply(state, event)
-            version += 1
-            if version == remaining[0]:
-                views[remaining.popleft()] = ActorView(version, state)
-                if not remaining:
-                    break
+        events = decode(batch.records)
+        base, folded = version, 0  # events[i] is version base + i + 1
+        while remaining and remaining[0] <= base + len(events):
+            version = remaining.popleft()
+            state = actor.fold(state, events[folded : version - base])
+            folded = version - base
+            views[version] = ActorView(version, state)
+        if not remaining:
+            break
+        state = actor.fold(state, events[folded:])
+        version = base + len(events)
     if remaining:
         raise ReplayError(f"{address}: the log has no event {remaining[0]} (a gap: run verify)")
     return views

@@ -6,8 +6,10 @@ first byte. Every decode raises DecodeError (or a subclass) for bad input, never
 """
 
 import enum
+import functools
+import operator
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -34,6 +36,9 @@ DEFAULT_MAX_SIZE = 1_048_576
 # bytes are positive fixints, which never begin an encoded record or payload (both are maps,
 # which start with a byte >= 0x80); and no JSON text starts with a byte >= 0x80.
 _JSON_LEAD_BYTES = frozenset(b"{[ \t\r\n")
+_payload_of = operator.attrgetter("payload")
+# Literal subscripted with values known only at run time (mypy accepts only literals there).
+_literal: Any = Literal
 
 
 class Format(enum.StrEnum):
@@ -73,28 +78,42 @@ class _PayloadDecoders(_Decoders[msgspec.Struct]):
         self.version = info.version
 
 
-class _TypedEventDecoder:
-    """Decodes an event record of one type with its payload typed, in one pass: EventRecord's
-    fields and constraints, but the payload as the type's current class."""
-
-    __slots__ = ("decoder", "name", "version")
-
-    def __init__(self, info: TypeInfo, own_format: Format) -> None:
+def _typed_record_decoder(
+    types: Sequence[TypeInfo], own_format: Format
+) -> msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any]:
+    """A decoder of event records of `types` only, each at its current version, with the
+    payload typed: EventRecord's fields and constraints, but `type` and `schema_version` fixed
+    to one of `types` and the payload decoded as that type's class, all in one msgspec pass.
+    Any other record (another type, an older version, a bad field) fails to decode."""
+    # A union of structs needs a tag, and requires it; a lone tagged struct would not, so a
+    # single type keeps `type` as a field that must equal its name.
+    union = len(types) > 1
+    shapes: list[Any] = []
+    for info in types:
         fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
         for field in msgspec.structs.fields(EventRecord):
-            kind = info.cls if field.name == "payload" else field.type
+            kind: Any = {
+                "type": _literal[info.name],
+                "schema_version": _literal[info.version],
+                "payload": info.cls,
+            }.get(field.name, field.type)
+            if field.name == "type" and union:
+                continue  # the union's tag
             if field.required:
                 fields.append((field.name, kind))
             else:
                 fields.append((field.name, kind, field.default))
-        shape = msgspec.defstruct("TypedEventRecord", fields, kw_only=True, gc=False)
-        self.decoder: msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any] = (
-            msgspec.json.Decoder(shape)
-            if own_format is Format.JSON
-            else msgspec.msgpack.Decoder(shape)
+        tag = info.name if union else None
+        tag_field = "type" if union else None
+        shapes.append(
+            msgspec.defstruct(
+                "TypedEventRecord", fields, kw_only=True, gc=False, tag=tag, tag_field=tag_field
+            )
         )
-        self.name = info.name
-        self.version = info.version
+    target: Any = functools.reduce(operator.or_, shapes)
+    if own_format is Format.JSON:
+        return msgspec.json.Decoder(target)
+    return msgspec.msgpack.Decoder(target)
 
 
 def _parse_error(what: str, exc: Exception) -> DecodeError:
@@ -132,7 +151,10 @@ class Codec:
         self._any_msgpack = msgspec.msgpack.Decoder()
         self._any_json = msgspec.json.Decoder()
         self._payloads: dict[str, _PayloadDecoders] = {}
-        self._typed_events: dict[str, _TypedEventDecoder] = {}
+        # The event types met at their current version while folding, and one decoder for
+        # records of any of them (see decode_event_payloads).
+        self._folded_types: dict[str, TypeInfo] = {}
+        self._typed_records: msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any] | None = None
 
     # Building records.
 
@@ -250,8 +272,10 @@ class Codec:
         """An event record from bytes in either format; raises DecodeError for anything else."""
         return self._decode_record(data, self._events, "event record")
 
-    def decode_events(self, batch: Sequence[Buffer]) -> list[tuple[EventRecord, msgspec.Struct]]:
-        """Event records and their payloads as today's types: the replay path.
+    def decode_events(
+        self, batch: Sequence[Buffer]
+    ) -> tuple[list[EventRecord], list[msgspec.Struct]]:
+        """Event records, and their payloads as today's types: the replay path.
 
         Same results and errors as `decode_event` then `decode_payload` on each item. A batch
         of records in this codec's format whose payloads are at their current schema versions
@@ -261,49 +285,71 @@ class Codec:
         try:
             if max(map(len, batch), default=0) <= self.max_size:
                 records = list(map(self._events.own.decode, batch))
-                decoded = [
-                    (record, payloads[record.type].own.decode(record.payload)) for record in records
-                ]
-                if all(r.schema_version == payloads[r.type].version for r in records):
-                    return decoded
+                kinds = {(record.type, record.schema_version) for record in records}
+                if len(kinds) == 1:
+                    # One type at one version, the usual batch: its payloads in one map.
+                    ((name, version),) = kinds
+                    decoders = payloads[name]
+                    if decoders.version == version:
+                        return records, list(map(decoders.own.decode, map(_payload_of, records)))
+                elif all(payloads[name].version == version for name, version in kinds):
+                    events = [
+                        payloads[record.type].own.decode(record.payload) for record in records
+                    ]
+                    return records, events
         except Exception:
             pass  # the careful path below finds out what is wrong and says so
-        return [self._decode_event_and_payload(data) for data in batch]
+        records = []
+        events = []
+        for data in batch:
+            record, event = self._decode_event_and_payload(data)
+            records.append(record)
+            events.append(event)
+        return records, events
 
     def decode_event_payloads(self, batch: Sequence[Buffer]) -> list[msgspec.Struct]:
         """Only the payloads of event records, as today's types: for folding state.
 
-        Same results and errors as `decode_events`. A run of records of one type, in this
-        codec's format and at the type's current version, costs one msgspec pass each: the
-        record is decoded with its payload typed as the type of the record before it, and
-        taken only if its type and version then say that was right.
+        Same results and errors as `decode_events`. Records in this codec's format, of types
+        met before, at their current versions (the common case) decode in one msgspec pass
+        each, straight into their payload's class, with a decoder that accepts nothing else;
+        a batch of only such records costs no Python work per record.
         """
+        typed = self._typed_records
+        if typed is not None:
+            try:
+                if max(map(len, batch), default=0) <= self.max_size:
+                    return [record.payload for record in map(typed.decode, batch)]
+            except Exception:
+                pass  # something else in the batch: record by record below
+        return self._decode_event_payloads_each(batch)
+
+    def _decode_event_payloads_each(self, batch: Sequence[Buffer]) -> list[msgspec.Struct]:
         events: list[msgspec.Struct] = []
-        typed: _TypedEventDecoder | None = None
         max_size = self.max_size
         for data in batch:
+            typed = self._typed_records
             if typed is not None:
                 try:
                     if len(data) <= max_size:
-                        record = typed.decoder.decode(data)
-                        if record.type == typed.name and record.schema_version == typed.version:
-                            events.append(record.payload)
-                            continue
+                        events.append(typed.decode(data).payload)
+                        continue
                 except Exception:
-                    pass  # not that type after all, or not valid: the careful path decides
-            full, event = self._decode_event_and_payload(data)
+                    pass  # not a type met yet, or not valid: the careful path decides
+            record, event = self._decode_event_and_payload(data)
             events.append(event)
-            typed = self._typed_event_decoder(full.type, full.schema_version)
+            self._meet_event_type(record.type, record.schema_version)
         return events
 
-    def _typed_event_decoder(self, type_name: str, version: int) -> "_TypedEventDecoder | None":
+    def _meet_event_type(self, type_name: str, version: int) -> None:
+        """Let the one-pass decoder take records of `type_name` too, if `version` is current."""
+        if type_name in self._folded_types:
+            return
         decoders = self._payloads.get(type_name)
         if decoders is None or decoders.version != version:
-            return None
-        typed = self._typed_events.get(type_name)
-        if typed is None:
-            typed = self._typed_events[type_name] = _TypedEventDecoder(decoders.info, self.format)
-        return typed
+            return
+        self._folded_types[type_name] = decoders.info
+        self._typed_records = _typed_record_decoder(list(self._folded_types.values()), self.format)
 
     def _decode_event_and_payload(self, data: Buffer) -> tuple[EventRecord, msgspec.Struct]:
         record = self.decode_event(data)
