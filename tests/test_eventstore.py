@@ -1,15 +1,17 @@
 """The event store on fakeredis and on the real embedded server."""
 
 import uuid
+from typing import Any
+from unittest import mock
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repertory.schemas import Codec, Format, schema
+from repertory.schemas import Codec, DecodeError, Format, schema
 from repertory.streams.client import RedisClient
-from repertory.streams.eventstore import ConflictError, EntryBatch, EventStore
+from repertory.streams.eventstore import ACTIVATION_PAGE, ConflictError, EntryBatch, EventStore
 from repertory.streams.keys import Address, KeyLayout
 
 pytestmark = pytest.mark.anyio
@@ -177,3 +179,112 @@ def test_a_batch_runs_from_a_version_only_if_its_ids_are_the_versions_from_it(
     batch = EntryBatch(entry_ids, [b""] * len(entry_ids))
     expected = [b"%d-0" % (version + offset) for offset in range(len(entry_ids))]
     assert batch.runs_from(version) == (bool(entry_ids) and entry_ids == expected)
+
+
+@pytest.mark.parametrize("fmt", list(Format))
+async def test_a_stored_event_keeps_its_record_as_stored(redis: RedisClient, fmt: Format) -> None:
+    store = EventStore(redis, codec=Codec(format=fmt))
+    address = actor()
+    await store.append(address, [Noted("a", n=1)], expected_version=0, causation_id="msg-1")
+    (stored,) = [s async for s in store.read(address)]
+    ((version, record),) = [item async for item in store.read_records(address)]
+    assert (stored.version, stored.record) == (version, record)
+    assert stored.record == store.codec.decode_event(stored.encoded)
+    assert store.codec.event_of(stored.record) == stored.event == Noted("a", n=1)
+
+
+# Activation: EventStore.load.
+
+
+async def loaded(store: EventStore, address: Address) -> tuple[int | None, list[int], list[Any]]:
+    """The snapshot's version, the last version of each batch, and every event after it."""
+    snapshot, batches = await store.load(address)
+    lasts: list[int] = []
+    events: list[Any] = []
+    async for last, batch in batches:
+        lasts.append(last)
+        events.extend(batch)
+    return (None if snapshot is None else snapshot.version), lasts, events
+
+
+async def test_loading_a_new_actor_finds_nothing(redis: RedisClient) -> None:
+    assert await loaded(EventStore(redis), actor()) == (None, [], [])
+
+
+@pytest.mark.parametrize("fmt", list(Format))
+@pytest.mark.parametrize(
+    ("read_batch", "lasts", "lasts_after_4"),
+    [(1000, [10], [10]), (4, [4, 8, 10], [8, 10]), (3, [3, 6, 9, 10], [7, 10])],
+)
+async def test_loading_gives_the_events_after_the_snapshot_a_batch_at_a_time(
+    redis: RedisClient, fmt: Format, read_batch: int, lasts: list[int], lasts_after_4: list[int]
+) -> None:
+    store = EventStore(redis, codec=Codec(format=fmt), read_batch=read_batch)
+    address = actor()
+    notes = [Noted(str(i), n=i) for i in range(1, 11)]
+    await store.append(address, notes, expected_version=0)
+    assert await loaded(store, address) == (None, lasts, notes)
+    await store.save_snapshot(address, Tally(total=4), version=4)
+    assert await loaded(store, address) == (4, lasts_after_4, notes[4:])
+    await store.save_snapshot(address, Tally(total=10), version=10)
+    assert await loaded(store, address) == (10, [], [])
+
+
+async def test_a_longer_log_goes_on_after_the_scripts_first_events(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    notes = [Noted(str(i)) for i in range(1, 101)]
+    await store.append(address, notes, expected_version=0)
+    assert await loaded(store, address) == (None, [ACTIVATION_PAGE, 100], notes)
+
+
+@pytest.mark.parametrize(
+    ("events", "snapshot", "round_trips"), [(0, None, 1), (5, None, 1), (5, 2, 2)]
+)
+async def test_activation_takes_one_round_trip_without_a_snapshot(
+    redis: RedisClient, events: int, snapshot: int | None, round_trips: int
+) -> None:
+    store = EventStore(redis)
+    address = actor()
+    if events:
+        await store.append(address, [Noted(str(i)) for i in range(events)], expected_version=0)
+    if snapshot is not None:
+        await store.save_snapshot(address, Tally(total=snapshot), version=snapshot)
+    await store.load(actor())  # the script is loaded (a NOSCRIPT reply costs two commands more)
+    with mock.patch.object(redis, "execute_command", wraps=redis.execute_command) as command:
+        found = await loaded(store, address)
+    assert found[:2] == (snapshot, [events] if events else [])
+    assert command.call_count == round_trips
+
+
+async def test_loading_raises_for_a_corrupt_snapshot_or_event(redis: RedisClient) -> None:
+    store = EventStore(redis)
+    address = actor()
+    await store.append(address, [Noted("a")], expected_version=0)
+    await redis.xadd(store.keys.events(address), {b"e": b"\xc1"}, id="2-0")
+    with pytest.raises(DecodeError):
+        await loaded(store, address)
+    await redis.hset(store.keys.snapshots_of(address), address.id, b"\x85\xa4type\xc1")
+    with pytest.raises(DecodeError):
+        await store.load(address)
+
+
+async def test_loading_takes_the_last_entry_for_the_version_as_reading_does(
+    redis: RedisClient,
+) -> None:
+    """A gap (which the append script never writes): activation folds what is there and takes
+    the version of the last entry, as it always has; `verify` is what reports gaps."""
+    store = EventStore(redis, read_batch=2)
+    address = actor()
+    key = store.keys.events(address)
+    for version in (1, 2, 3, 5):
+        await redis.xadd(
+            key,
+            {b"e": store.codec.encode(store.codec.event(Noted(str(version))))},
+            id=f"{version}-0",
+        )
+    assert await loaded(store, address) == (
+        None,
+        [2, 5],
+        [Noted("1"), Noted("2"), Noted("3"), Noted("5")],
+    )

@@ -25,6 +25,7 @@ from repertory.schemas import (
     UnknownVersionError,
     UnregisteredTypeError,
 )
+from repertory.schemas.codec import decode_event_record
 
 # No deadlines: a loaded CI machine must not fail a test on timing.
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -244,6 +245,14 @@ def decodes_or_raises_decode_error(codec: Codec, data: Any) -> None:
         payload_decodes_or_raises_decode_error(
             codec, record.type, record.schema_version, record.payload
         )
+    # Under the size limit, the codec's own event records and the limitless decoder (what a
+    # stored event's record is decoded with) agree.
+    expected, record = outcome(codec.decode_event, data), outcome(decode_event_record, data)
+    if isinstance(expected, DecodeError):
+        assert isinstance(record, DecodeError)
+        assert record.reason in REASONS
+    else:
+        assert record == expected
 
 
 def payload_decodes_or_raises_decode_error(codec: Codec, name: str, version: int, raw: Any) -> None:
@@ -476,16 +485,11 @@ def test_decoding_a_batch_of_events_equals_decoding_each(batch: list[bytes]) -> 
         decoded = [item for item in each if not isinstance(item, DecodeError)]
         first_error = errors[0] if errors else None
         if first_error is None:
-            assert codec.decode_events(batch) == (
-                [record for record, _ in decoded],
-                [event for _, event in decoded],
-            )
             assert codec.decode_event_payloads(batch) == [event for _, event in decoded]
         else:
-            for decode in (codec.decode_events, codec.decode_event_payloads):
-                with pytest.raises(DecodeError) as raised:
-                    decode(batch)
-                assert str(raised.value) == str(first_error)
+            with pytest.raises(DecodeError) as raised:
+                codec.decode_event_payloads(batch)
+            assert str(raised.value) == str(first_error)
 
 
 @pytest.mark.parametrize("fmt", list(Format))
@@ -496,9 +500,8 @@ def test_a_record_without_its_type_is_refused_when_its_payload_would_fit(fmt: Fo
     encode = msgspec.json.encode if fmt is Format.JSON else msgspec.msgpack.encode
     reading = Reading(2.0, 3, ["x"], {})
     typeless = encode({"schema_version": 1, "payload": reading, "recorded_at": 0})
-    for decode in (codec.decode_events, codec.decode_event_payloads):
-        with pytest.raises(DecodeError, match="type"):
-            decode([typeless])
+    with pytest.raises(DecodeError, match="type"):
+        codec.decode_event_payloads([typeless])
     session = Session(session_id="s", state="open")
     assert codec.decode_event_payloads([codec.encode(codec.event(session))]) == [session]
     with pytest.raises(DecodeError, match="type"):
@@ -508,7 +511,12 @@ def test_a_record_without_its_type_is_refused_when_its_payload_would_fit(fmt: Fo
 @pytest.mark.parametrize("data", [None, "{}", 42, [1, 2], b"", bytearray(), object()])
 def test_values_that_are_not_bytes_raise_decode_error(data: object) -> None:
     codec = CODECS[Format.MSGPACK]
-    for decode in (codec.decode_envelope, codec.decode_event, codec.decode_snapshot):
+    for decode in (
+        codec.decode_envelope,
+        codec.decode_event,
+        codec.decode_snapshot,
+        decode_event_record,
+    ):
         with pytest.raises(DecodeError):
             decode(cast(Any, data))
     with pytest.raises(DecodeError):

@@ -194,13 +194,11 @@ class ActorSystem:
 
 
 async def rebuild(store: EventStore, actor: Actor[Any], address: Address) -> ActorView:
-    """Fold the actor's events onto its latest snapshot (or its initial state)."""
-    state = actor.initial
-    version = 0
-    snapshot = await store.load_snapshot(address)
-    if snapshot is not None:
-        state, version = snapshot.state, snapshot.version
-    async for last_version, events in store.event_batches(address, start=version + 1):
+    """Fold the actor's events onto its latest snapshot (or its initial state): activation,
+    one round trip for a new actor or a short log (`EventStore.load`)."""
+    snapshot, event_batches = await store.load(address)
+    state, version = (actor.initial, 0) if snapshot is None else (snapshot.state, snapshot.version)
+    async for last_version, events in event_batches:
         state = actor.fold(state, events)
         version = last_version
     return ActorView(version, state)

@@ -36,7 +36,6 @@ DEFAULT_MAX_SIZE = 1_048_576
 # bytes are positive fixints, which never begin an encoded record or payload (both are maps,
 # which start with a byte >= 0x80); and no JSON text starts with a byte >= 0x80.
 _JSON_LEAD_BYTES = frozenset(b"{[ \t\r\n")
-_payload_of = operator.attrgetter("payload")
 # Literal subscripted with values known only at run time (mypy accepts only literals there).
 _literal: Any = Literal
 
@@ -121,6 +120,19 @@ def _parse_error(what: str, exc: Exception) -> DecodeError:
         return DecodeError(f"invalid {what}: {exc}", reason="invalid")
     detail = str(exc) if isinstance(exc, msgspec.DecodeError) else f"{type(exc).__name__}: {exc}"
     return DecodeError(f"malformed {what}: {detail}", reason="malformed")
+
+
+_EVENT_RECORDS = _Decoders(EventRecord, Format.MSGPACK)
+
+
+def decode_event_record(data: Buffer) -> EventRecord:
+    """An event record from bytes in either format, with no size limit: for records that a
+    codec has read already (`StoredEvent.record`). Raises DecodeError for anything else."""
+    try:
+        json = _first_byte(data) in _JSON_LEAD_BYTES
+        return (_EVENT_RECORDS.json if json else _EVENT_RECORDS.msgpack).decode(data)
+    except Exception as exc:
+        raise _parse_error("event record", exc) from exc
 
 
 class Codec:
@@ -272,48 +284,14 @@ class Codec:
         """An event record from bytes in either format; raises DecodeError for anything else."""
         return self._decode_record(data, self._events, "event record")
 
-    def decode_events(
-        self, batch: Sequence[Buffer]
-    ) -> tuple[list[EventRecord], list[msgspec.Struct]]:
-        """Event records, and their payloads as today's types: the replay path.
-
-        Same results and errors as `decode_event` then `decode_payload` on each item. A batch
-        of records in this codec's format whose payloads are at their current schema versions
-        (the common case) is decoded in two passes of msgspec calls and nothing else.
-        """
-        payloads = self._payloads
-        try:
-            if max(map(len, batch), default=0) <= self.max_size:
-                records = list(map(self._events.own.decode, batch))
-                kinds = {(record.type, record.schema_version) for record in records}
-                if len(kinds) == 1:
-                    # One type at one version, the usual batch: its payloads in one map.
-                    ((name, version),) = kinds
-                    decoders = payloads[name]
-                    if decoders.version == version:
-                        return records, list(map(decoders.own.decode, map(_payload_of, records)))
-                elif all(payloads[name].version == version for name, version in kinds):
-                    events = [
-                        payloads[record.type].own.decode(record.payload) for record in records
-                    ]
-                    return records, events
-        except Exception:
-            pass  # the careful path below finds out what is wrong and says so
-        records = []
-        events = []
-        for data in batch:
-            record, event = self._decode_event_and_payload(data)
-            records.append(record)
-            events.append(event)
-        return records, events
-
     def decode_event_payloads(self, batch: Sequence[Buffer]) -> list[msgspec.Struct]:
-        """Only the payloads of event records, as today's types: for folding state.
+        """The payloads of event records, as today's types: the replay and folding path.
 
-        Same results and errors as `decode_events`. Records in this codec's format, of types
-        met before, at their current versions (the common case) decode in one msgspec pass
-        each, straight into their payload's class, with a decoder that accepts nothing else;
-        a batch of only such records costs no Python work per record.
+        Same results and errors as `decode_event` then `decode_payload` on each item, the first
+        error raised. Records in this codec's format, of types met before, at their current
+        versions (the common case) decode in one msgspec pass each, straight into their
+        payload's class, with a decoder that accepts nothing else; a batch of only such
+        records costs no Python work per record.
         """
         typed = self._typed_records
         if typed is not None:

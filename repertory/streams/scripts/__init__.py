@@ -26,6 +26,7 @@ class Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
+ACTIVATE = Script("activate")
 APPEND = Script("append")
 APPEND_ONCE = Script("append_once")
 COMMIT = Script("commit")
