@@ -7,8 +7,9 @@ message goes send (XADD) -> read (XREADGROUP) -> handled -> committed (one EVALS
 The raw baseline (`RawNode`) is the node's Redis work written by hand with no framework: one
 reader per partition reading batches of `read_count` into a queue per actor, a fixed set of
 handler tasks (the node's `max_handling`) taking actors with messages waiting from one ready
-queue (serial within an actor, concurrent across actors), as the node does, activation by HGET
-of the snapshot and XRANGE of the events on an actor's first message, then per message one
+queue (serial within an actor, concurrent across actors), as the node does, activation by one
+EVALSHA of the node's activation script (`activate.lua`: the snapshot, or the first events of
+an actor without one) on an actor's first message, then per message one
 msgspec decode of the envelope, one msgspec encode of the event record and one EVALSHA of the
 same commit script with the same keys and arguments (epoch check included).
 
@@ -25,11 +26,11 @@ import importlib.util
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -54,17 +55,17 @@ from repertory.runtime.system import ActorSystem, rebuild
 from repertory.runtime.worker import Worker, WorkerConfig
 from repertory.schemas import schema
 from repertory.streams.client import ClientConfig, RedisClient, create_client
-from repertory.streams.eventstore import EVENT_FIELD, EventStore
+from repertory.streams.eventstore import ACTIVATION_PAGE, EventStore
 from repertory.streams.inbox import MESSAGE_FIELD
 from repertory.streams.keys import Address, KeyLayout
 from repertory.streams.partition import (
-    Commit,
-    CommitResult,
+    ActorCommits,
     CommitStatus,
+    GroupCommitResult,
     Partition,
     SeenWindow,
 )
-from repertory.streams.scripts import COMMIT
+from repertory.streams.scripts import ACTIVATE, COMMIT
 from repertory.streams.taskqueue import TaskQueue
 
 KIND = "counter"
@@ -95,6 +96,8 @@ QUICK_NODE_CONFIG = NodeConfig(block_ms=100)
 SEEN = SeenWindow()
 COMMIT_BATCH: int = getattr(NODE_CONFIG, "commit_batch", 1)
 """Messages of one actor committed per script call, as many as the node commits at most."""
+COMMIT_ACTORS: int = getattr(NODE_CONFIG, "commit_actors", 1)
+"""Actors committed per script call, as many as the node commits at most."""
 
 # The raw baseline calls the node's commit script itself (repertory/streams/scripts/commit.lua)
 # by its SHA1 with the arguments the node passes. Per message: XADD event(s), XADD handled
@@ -261,15 +264,6 @@ class Rig:
 # The node.
 
 
-def _commits(values: Iterable[object]) -> Iterator[Commit]:
-    """The `Commit`s among a call's arguments, whether passed alone or in a sequence."""
-    for value in values:
-        if isinstance(value, Commit):
-            yield value
-        elif isinstance(value, list | tuple):
-            yield from _commits(value)
-
-
 class ObservedPartition(Partition):
     """A partition that reports each message it committed as soon as the script returns: the
     latency rounds' "committed" instant, taken where the node's own commit call returns."""
@@ -278,11 +272,14 @@ class ObservedPartition(Partition):
         super().__init__(*args)
         self.on_commit = on_commit
 
-    async def commit(self, *args: Any, **kwargs: Any) -> CommitResult:
-        result = await super().commit(*args, **kwargs)
+    async def commit_many(
+        self, actors: Sequence[ActorCommits], **options: Any
+    ) -> GroupCommitResult:
+        result = await super().commit_many(actors, **options)
         if result.status is CommitStatus.COMMITTED:
-            for commit in _commits([*args, *kwargs.values()]):
-                self.on_commit(commit.dedupe_id)
+            for actor in actors:
+                for commit in actor.commits:
+                    self.on_commit(commit.dedupe_id)
         return result
 
 
@@ -334,6 +331,7 @@ class RawActor:
 
     address: Address
     keys: list[str]
+    """Its event stream and its handled-message stream."""
     waiting: collections.deque[Delivery] = field(default_factory=collections.deque)
     loaded: bool = False
     held: bool = False
@@ -362,7 +360,8 @@ class RawNode:
         self.consumer = f"raw-{uuid.uuid4().hex[:6]}"
         self.epoch = "1"
         self.actors: dict[str, RawActor] = {}
-        self.ready: asyncio.Queue[RawActor] = asyncio.Queue()
+        self.ready: list[asyncio.Queue[RawActor]] = [asyncio.Queue() for _ in range(PARTITIONS)]
+        self.handling = asyncio.Semaphore(config.max_handling)
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
         self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
@@ -390,16 +389,7 @@ class RawNode:
     def _actor(self, target: str) -> RawActor:
         layout = self.layout
         address = Address.parse(target)
-        number = layout.partition_of(address)
-        keys = [
-            layout.events(address),
-            layout.handled(address),
-            layout.inbox(KIND, number),
-            layout.seen(KIND, number),
-            layout.epoch(KIND, number),
-            layout.outbox(KIND, number),
-            layout.timers(KIND, number),
-        ]
+        keys = [layout.events(address), layout.handled(address)]
         return RawActor(address, keys)
 
     async def read(self, number: int) -> None:
@@ -423,72 +413,93 @@ class RawNode:
                 actor.waiting.append((entry_id, data, envelope))
                 if not actor.held:
                     actor.held = True
-                    self.ready.put_nowait(actor)
+                    self.ready[number].put_nowait(actor)
 
     async def activate(self, actor: RawActor) -> None:
-        """As the node does it: the snapshot, then the events after it."""
-        client = self.client
-        await client.hget(self.layout.snapshots_of(actor.address), actor.address.id)
-        entries = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await client.xrange(actor.keys[0], "1-0", "+", count=READ_BATCH),
+        """As the node does it: one call of the node's activation script, which returns the
+        snapshot or, as here (the counters take none), the actor's first events (a new actor
+        of these rounds has at most a few)."""
+        address = actor.address
+        snapshots = self.layout.snapshots_of(address)
+        _snapshot, entries = await self.client.evalsha(
+            ACTIVATE.sha, 2, snapshots, actor.keys[0], address.id, ACTIVATION_PAGE
         )
         for _entry_id, fields in entries:
-            event = self._decode_event(fields[EVENT_FIELD]).payload
+            event = self._decode_event(fields[1]).payload  # fields == [b"e", record]
             actor.state = Count(actor.state.count + 1, actor.state.total + event.amount)
             actor.version += 1
         actor.loaded = True
 
-    async def handle(self) -> None:
-        """A handler task: takes the next actor with messages waiting and commits what waits
-        for it together (up to the node's `commit_batch`), as the node does."""
-        client, encode, sha, group, epoch = (
-            self.client, self._encode, self.commit_sha, self.group, self.epoch
-        )  # fmt: skip
+    async def handle(self, number: int) -> None:
+        """A handler task of partition `number`: takes the next actor with messages waiting,
+        with the ones queued behind it (up to the node's `commit_actors`), and commits what
+        waits for them (up to `commit_batch` each) in one script call, as the node does."""
+        layout, client, encode, sha = self.layout, self.client, self._encode, self.commit_sha
+        ready = self.ready[number]
+        partition_keys = [
+            layout.inbox(KIND, number),
+            layout.seen(KIND, number),
+            layout.epoch(KIND, number),
+            layout.outbox(KIND, number),
+            layout.timers(KIND, number),
+        ]
         while True:
-            actor = await self.ready.get()
-            if not actor.loaded:
-                await self.activate(actor)
-            waiting = actor.waiting
-            batch = [waiting.popleft() for _ in range(min(len(waiting), COMMIT_BATCH))]
-            now = _now_ms()
-            args: list[object] = [
-                group, epoch, actor.version, now, SEEN.window_ms, SEEN.limit, len(batch)
-            ]  # fmt: skip
-            dedupe_ids = []
-            state = actor.state
-            for entry_id, data, envelope in batch:
-                event = Added(envelope.payload.amount)
-                record = RawEventRecord(
-                    type=ADDED_TYPE,
-                    schema_version=1,
-                    payload=event,
-                    recorded_at=now,
-                    causation_id=envelope.id,
-                    correlation_id=envelope.id,
-                )
-                dedupe_id = envelope.idempotency_key or envelope.id
-                dedupe_ids.append(dedupe_id)
-                args.extend((entry_id, dedupe_id, data, "", now, 1, encode(record), 0, 0, 0))
-                state = Count(state.count + 1, state.total + event.amount)
-            status, version = await client.evalsha(sha, len(actor.keys), *actor.keys, *args)
+            group = [await ready.get()]
+            while len(group) < COMMIT_ACTORS and not ready.empty():
+                group.append(ready.get_nowait())
+            async with self.handling:
+                for actor in group:
+                    if not actor.loaded:
+                        await self.activate(actor)
+                now = _now_ms()
+                keys = list(partition_keys)
+                args: list[object] = [
+                    self.group, self.epoch, now, SEEN.window_ms, SEEN.limit, len(group)
+                ]  # fmt: skip
+                dedupe_ids = []
+                states = []
+                for actor in group:
+                    waiting = actor.waiting
+                    batch = [waiting.popleft() for _ in range(min(len(waiting), COMMIT_BATCH))]
+                    keys.extend(actor.keys)
+                    args.extend((actor.version, len(batch)))
+                    state = actor.state
+                    for entry_id, data, envelope in batch:
+                        event = Added(envelope.payload.amount)
+                        record = RawEventRecord(
+                            type=ADDED_TYPE,
+                            schema_version=1,
+                            payload=event,
+                            recorded_at=now,
+                            causation_id=envelope.id,
+                            correlation_id=envelope.id,
+                        )
+                        dedupe_id = envelope.idempotency_key or envelope.id
+                        dedupe_ids.append(dedupe_id)
+                        args.extend(
+                            (entry_id, dedupe_id, data, "", now, 1, encode(record), 0, 0, 0)
+                        )
+                        state = Count(state.count + 1, state.total + event.amount)
+                    states.append(state)
+                status, *versions = await client.evalsha(sha, len(keys), *keys, *args)
             if status != 1:
-                raise RuntimeError(f"raw commit of {actor.address}: status {status}")
-            actor.state, actor.version = state, version
+                raise RuntimeError(f"raw commit of partition {number}: status {status}")
+            for actor, state, version in zip(group, states, versions, strict=True):
+                actor.state, actor.version = state, int(version)
+                if actor.waiting:
+                    ready.put_nowait(actor)
+                else:
+                    actor.held = False
             if self.on_commit is not None:
                 for dedupe_id in dedupe_ids:
                     self.on_commit(dedupe_id)
-            if waiting:
-                self.ready.put_nowait(actor)
-            else:
-                actor.held = False
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
             for number in range(PARTITIONS):
                 tasks.create_task(self.read(number))
-            for _ in range(self.config.max_handling):
-                tasks.create_task(self.handle())
+                for _ in range(self.config.max_handling):
+                    tasks.create_task(self.handle(number))
 
 
 def _raise_if_failed(task: "asyncio.Task[None]") -> None:
@@ -855,9 +866,12 @@ def _task_queues(
 
 
 class RawActivation:
-    """Rebuild by hand: HGET the snapshot, XRANGE the events after it in batches, one msgspec
-    decode per event (payload typed), fold. The XRANGE replies are taken as the server sends
-    them, as the event store takes them (see bench_eventstore.raw_replay)."""
+    """Rebuild by hand: one EVALSHA of the activation script (`activate.lua`: the snapshot, or
+    without one the first events; for a new actor the fastest sequence measured: HGET then
+    XRANGE takes two round trips, and the two pipelined cost the client more), then XRANGE of
+    the events after the snapshot or after those first ones, one msgspec decode per event
+    (payload typed), fold. The XRANGE replies are taken as the server sends them, as the event
+    store takes them (see bench_eventstore.raw_replay)."""
 
     def __init__(self, client: "redis.asyncio.Redis", layout: KeyLayout) -> None:
         self.client = client
@@ -866,26 +880,33 @@ class RawActivation:
 
     async def rebuild(self, address: Address) -> tuple[int, Count]:
         state, version = Count(), 0
-        data = await self.client.hget(self.layout.snapshots_of(address), address.id)
+        key = self.layout.events(address)
+        data, entries = await self.client.evalsha(
+            ACTIVATE.sha, 2, self.layout.snapshots_of(address), key, address.id, ACTIVATION_PAGE
+        )
+        asked = ACTIVATION_PAGE
         if data is not None:
             snapshot = msgspec.msgpack.decode(data, type=_RawSnapshot)
             state, version = snapshot.payload, snapshot.version
-        key = self.layout.events(address)
-        decode = self._decode_event
-        lower = f"{version + 1}-0"
-        while True:
+            lower = f"{version + 1}-0".encode()
             entries = await self.client.execute_command(
                 b"XRANGE", key, lower, b"+", b"COUNT", READ_BATCH
             )
+            asked = READ_BATCH
+        decode = self._decode_event
+        while True:
             count, total = state.count, state.total
             for _entry_id, fields in entries:
                 total += decode(fields[1]).payload.amount  # fields == [b"e", record]
                 count += 1
             state = Count(count, total)
             version += len(entries)
-            if len(entries) < READ_BATCH:
+            if len(entries) < asked:
                 return version, state
-            lower = "(" + entries[-1][0].decode()
+            entries = await self.client.execute_command(
+                b"XRANGE", key, b"(" + entries[-1][0], b"+", b"COUNT", READ_BATCH
+            )
+            asked = READ_BATCH
 
 
 class _RawSnapshot(msgspec.Struct, kw_only=True, frozen=True, gc=False):
@@ -958,6 +979,44 @@ def _activation(rig: Rig, events: int, *, snapshot: bool) -> Benchmark:
     )
 
 
+def _new_actor_activation(rig: Rig) -> Benchmark:
+    """The common case of the 100,000-actor rounds: an actor with neither a snapshot nor
+    events, activated by its first message."""
+    layout = KeyLayout("act", partitions=PARTITIONS)
+    store = EventStore(rig.client, keys=layout, read_batch=READ_BATCH)
+    raw = RawActivation(rig.admin, layout)
+    counter = Counter()
+    calls = rig.env.size(5000, 50)
+    addresses = [Address(KIND, f"new-{index}") for index in range(calls)]
+
+    async def repertory_round(round_index: int) -> Sample:
+        async def call(index: int) -> None:
+            view = await rebuild(store, counter, addresses[index])
+            if (view.version, view.state) != (0, Count()):
+                raise RuntimeError(f"a new actor rebuilt as {view}")
+
+        return await sequential(calls, call)
+
+    async def raw_round(round_index: int) -> Sample:
+        async def call(index: int) -> None:
+            version, state = await raw.rebuild(addresses[index])
+            if (version, state) != (0, Count()):
+                raise RuntimeError(f"a new actor rebuilt by hand as v{version} {state}")
+
+        return await sequential(calls, call)
+
+    return Benchmark(
+        name="activation, new actor",
+        description=f"{calls:,} actors with neither a snapshot nor events activated one by one",
+        unit="activations",
+        latency_of="activation",
+        variants=[
+            Variant("raw redis-py", raw_round, baseline=True),
+            Variant("repertory rebuild", repertory_round),
+        ],
+    )
+
+
 @asynccontextmanager
 async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
     client = create_client(env.url)
@@ -976,8 +1035,9 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             rigs += (dramatiq_rig, celery_rig)
             messages = env.size(5_000, 200)
             queues.append(_task_queues(rig, dramatiq_rig, celery_rig, messages, env.size(1000, 50)))
-        # The raw baseline calls its commit script by its SHA1 only.
+        # The raw baseline calls its commit and activation scripts by their SHA1 only.
         await admin.script_load(COMMIT.source)
+        await admin.script_load(ACTIVATE.source)
         few = env.size(1000, 50)
         many = env.size(100_000, 200)
         latency_s = 0.1 if env.quick else 2.0
@@ -989,6 +1049,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             *[_latency(rig, rate, round(rate * latency_s), few) for rate in LATENCY_LOADS],
             _activation(rig, env.size(100_000, 2_500), snapshot=False),
             _activation(rig, env.size(100_000, 2_500), snapshot=True),
+            _new_actor_activation(rig),
         ]
     finally:
         for queue_rig in rigs:

@@ -1,5 +1,6 @@
 """The runtime suite's activation benchmarks run alone (`python -m benchmarks.bench_runtime
-activation`): a quick run gives both benchmarks with both variants. No speed is asserted."""
+activation`): a quick run gives every activation benchmark with both variants. No speed is
+asserted."""
 
 import pytest
 
@@ -13,7 +14,8 @@ def test_the_activation_command_line(capsys: pytest.CaptureFixture[str]) -> None
     for benchmark in (
         "activation, 2,500 events, no snapshot",
         "activation, 2,500 events, snapshot",
+        "activation, new actor",
     ):
         assert f"runtime · {benchmark} | raw redis-py |" in output
-    assert output.count("| repertory rebuild |") == 2
+    assert output.count("| repertory rebuild |") == 3
     assert "end to end" not in output

@@ -229,10 +229,10 @@ async def test_a_quick_runtime_run_gives_results_for_every_variant() -> None:
         (benchmark.name, variant.name) for benchmark in seen for variant in benchmark.variants
     }
     names = [benchmark.name for benchmark in seen]
-    # Throughput at three actor counts, two offered loads, two activations, and the task
+    # Throughput at three actor counts, two offered loads, three activations, and the task
     # queues when the bench extra is installed.
     queues = task_queues_installed()
-    assert len(seen) == 7 + queues, names
+    assert len(seen) == 8 + queues, names
     assert any("task queues" in name for name in names) == queues
     assert {(result.benchmark, result.variant) for result in report.results} == expected
     for result in report.results:

@@ -12,7 +12,7 @@ import pytest
 from repertory.runtime.system import ActorSystem
 from repertory.streams.client import RedisClient
 from repertory.streams.keys import Address
-from repertory.streams.partition import Commit, CommitStatus, SeenWindow
+from repertory.streams.partition import Commit, CommitStatus, Lease, SeenWindow
 from tests.sleepy_system import Nap, Sleeper
 from tests.support import eventually
 
@@ -29,12 +29,11 @@ async def test_a_stale_epoch_commits_and_dead_letters_nothing(redis: RedisClient
     envelope = system.codec.encode(system.codec.envelope(str(address), Nap(0)))
     await partition.inbox.add(envelope)
     (entry,) = await partition.inbox.read("old")
-    old_epoch = await partition.acquire("old", 60_000)
+    old_epoch = await partition.acquire("old", 60_000, now_ms=0)
     assert old_epoch is not None
 
     # The old node's lease lapses (a pause); another node takes the partition over.
-    await redis.delete(partition.lease_key)
-    new_epoch = await partition.acquire("new", 60_000)
+    new_epoch = await partition.acquire("new", 60_000, now_ms=60_000)
     assert new_epoch == old_epoch + 1
 
     commit = Commit(dedupe_id="m1", handled=envelope, handled_at=0, inbox_entry=entry.id)
@@ -56,6 +55,31 @@ async def test_a_stale_epoch_commits_and_dead_letters_nothing(redis: RedisClient
     assert await system.store.version(address) == 0
     assert await partition.dead_letters.count() == 0
     assert (await partition.inbox.pending()).count == 1  # still there for the new owner
+
+
+async def test_a_lease_lapses_at_its_expiry_and_a_takeover_bumps_the_epoch(
+    redis: RedisClient,
+) -> None:
+    partition = ActorSystem(Sleeper(), app="leases", partitions=1, client=redis).partition(
+        "sleeper", 0
+    )
+    assert await partition.acquire("a", 1000, now_ms=0) == 1
+    assert await partition.acquire("b", 1000, now_ms=999) is None
+    assert await partition.acquire("a", 1000, now_ms=500) == 1  # renewed: same epoch
+    assert await partition.lease(1400) == Lease("a", 1500)
+    assert await partition.owner(1500) is None  # lapsed, though its key is still there
+    assert await partition.acquire("b", 1000, now_ms=1500) == 2
+    assert await partition.acquire("a", 1000, now_ms=1600) is None
+    assert not await partition.release("a")
+    assert await partition.release("b")
+    assert await partition.owner(1600) is None
+    assert await partition.acquire("a", 1000, now_ms=1600) == 3  # free: taken anew
+
+    # On the server's clock (no time given; it is far past 1.6 s) the lease lapsed long ago,
+    # and a lease taken now lapses by itself too: its key expires.
+    assert await partition.acquire("a", 60_000) == 4
+    assert 0 < await redis.pttl(partition.lease_key) <= 60_000
+    assert await partition.owner() == "a"
 
 
 def start_node(url: str, node_id: str) -> subprocess.Popen[bytes]:

@@ -1,7 +1,8 @@
 """One node running real actors: handling, replies, order, dedupe, timers, relay, snapshots,
 poison messages, graceful stop. On fakeredis and on the real embedded server."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -15,7 +16,7 @@ from repertory.runtime.system import ActorSystem
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
 from repertory.streams.keys import Address
-from repertory.streams.partition import CommitResult, CommitStatus, Partition
+from repertory.streams.partition import ActorCommits, CommitStatus, GroupCommitResult, Partition
 from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
@@ -159,15 +160,17 @@ async def test_a_backlog_is_committed_in_batches_with_the_same_effects(
             await system.send(address, Deposit(-1))  # refused
             await system.send(address, Explode())  # retried, then dead-lettered
     batch_sizes: list[int] = []
-    commit = Partition.commit
+    commit_many = Partition.commit_many
 
-    async def counted(self: Partition, *args: Any, **kwargs: Any) -> CommitResult:
-        result = await commit(self, *args, **kwargs)
+    async def counted(
+        self: Partition, actors: Sequence[ActorCommits], **options: Any
+    ) -> GroupCommitResult:
+        result = await commit_many(self, actors, **options)
         if result.status is CommitStatus.COMMITTED:
-            batch_sizes.append(len(args[2]))
+            batch_sizes.extend(len(actor.commits) for actor in actors)
         return result
 
-    monkeypatch.setattr(Partition, "commit", counted)
+    monkeypatch.setattr(Partition, "commit_many", counted)
     handled = system.keys.handled(address)
     running = Node(system, FAST)
     async with anyio.create_task_group() as group:
@@ -191,6 +194,60 @@ async def test_a_backlog_is_committed_in_batches_with_the_same_effects(
     for _, fields in await system.client.xrange(handled):
         for version in range(int(fields[b"from"]) + 1, int(fields[b"to"]) + 1):
             assert recorded[version] == int(fields[b"at"])
+
+
+async def test_actors_waiting_together_are_committed_in_one_script_call(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages for many actors read at once are committed several actors per script call; a
+    duplicate, a refusal and a failing handler among them change nothing of the outcome."""
+    actors = [f"many-{index}" for index in range(60)]
+    expected: dict[str, list[int]] = {}
+    for round_ in range(1, 4):
+        for index, actor in enumerate(actors):
+            await system.send(f"account/{actor}", Deposit(round_))
+            expected.setdefault(actor, []).append(round_)
+            if index % 7 == 0:
+                # The same send again (a duplicate among the actors committed together).
+                await system.send(f"account/{actor}", Deposit(1000), idempotency_key=f"{actor}-dup")
+                if round_ == 1:
+                    expected[actor].append(1000)
+            if index % 11 == 0 and round_ == 2:
+                await system.send(f"account/{actor}", Deposit(-1))  # refused
+                await system.send(f"account/{actor}", Explode())  # dead-lettered
+    group_sizes: list[int] = []
+    commit_many = Partition.commit_many
+
+    async def counted(
+        self: Partition, actors: Sequence[ActorCommits], **options: Any
+    ) -> GroupCommitResult:
+        result = await commit_many(self, actors, **options)
+        if result.status is CommitStatus.COMMITTED:
+            group_sizes.append(len(actors))
+        return result
+
+    monkeypatch.setattr(Partition, "commit_many", counted)
+    # Few handler tasks: actors wait behind busy ones, which is when they are taken together.
+    running = Node(system, replace(FAST, max_handling=2))
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+
+        async def all_handled() -> bool:
+            for actor, deposits in expected.items():
+                if (await system.state_of(f"account/{actor}")).state.deposits != deposits:
+                    return False
+            return True
+
+        await eventually(all_handled)
+        running.stop()
+    assert max(group_sizes) > 1
+    for index, actor in enumerate(actors):
+        view = await system.state_of(f"account/{actor}")
+        refused = 1 if index % 11 == 0 else 0
+        # Each distinct message is recorded once with what it did; the poison is not.
+        handled = await system.client.xlen(system.keys.handled(Address("account", actor)))
+        assert handled == len(expected[actor]) + refused
+        assert view.version == len(expected[actor])
 
 
 async def test_messages_to_other_partitions_arrive_once(system: ActorSystem, node: Node) -> None:

@@ -1,13 +1,17 @@
 """The node: owns partitions through leases, reads their inboxes, runs actors, commits.
 
-Per owned (kind, partition) a session runs a reader (XREADGROUP), one mailbox task per
-active actor (serial within an actor, concurrent across actors, bounded), a timer task, an
-outbox relay and a lease renewer. Each handled message ends in exactly one atomic commit
-script (events, handled message, outgoing messages, timers, dedupe id, XACK), or in the
-dead-letter stream after `max_deliveries` failed attempts.
+Per owned (kind, partition) a session runs a reader (XREADGROUP) that fills a bounded mailbox
+per active actor, a fixed set of handler tasks that take actors with messages waiting (one
+task per actor at a time: serial within an actor, concurrent across actors), a timer task, an
+outbox relay, a lease renewer and the passivation of idle actors. Each handled message ends in
+exactly one atomic commit script (events, handled message, outgoing messages, timers, dedupe
+id, XACK), or in the dead-letter stream after `max_deliveries` failed attempts.
 """
 
+import collections
+import gc
 import logging
+import math
 import os
 import socket
 import uuid
@@ -17,8 +21,8 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -45,7 +49,14 @@ from repertory.schemas.errors import DecodeError, RepertoryError
 from repertory.streams.inbox import InboxEntry
 from repertory.streams.keys import Address
 from repertory.streams.membership import Membership
-from repertory.streams.partition import Commit, CommitResult, CommitStatus, Partition, SeenWindow
+from repertory.streams.partition import (
+    ActorCommits,
+    Commit,
+    CommitResult,
+    CommitStatus,
+    Partition,
+    SeenWindow,
+)
 
 logger = logging.getLogger("repertory.node")
 
@@ -79,6 +90,10 @@ class NodeConfig:
     commit_batch: int = 64
     """Messages of one actor waiting in its mailbox are handled in turn and committed together,
     up to this many per script call."""
+    commit_actors: int = 32
+    """Actors left waiting while every handler task was busy are taken together by the next
+    free one, up to this many, and what they handle is committed in one script call: under
+    load, fewer round trips per message; when idle, each actor gets a task at once."""
     lease_ttl_ms: int = 3000
     retry_base_s: float = 0.05
     retry_cap_s: float = 2.0
@@ -116,9 +131,21 @@ class _Delivery:
     error: DecodeError | None
 
 
-@dataclass(slots=True)
-class _Loaded:
+@dataclass(slots=True, eq=False)
+class _Mailbox:
+    """An active actor: the messages waiting for it, its view once loaded, and when it last
+    handled one. A handler task holds it while it handles; no other task touches it then, so
+    an actor handles its messages one after another. An idle actor is this record only (no
+    task), so a node keeps hundreds of thousands of them cheaply."""
+
+    key: str
+    last_used_ms: int
+    waiting: collections.deque[_Delivery] = field(default_factory=collections.deque)
     view: ActorView | None = None
+    held: bool = False
+    """Queued for a handler task, or held by one."""
+    room: anyio.Event | None = None
+    """Set when a message leaves a full mailbox: the reader waits for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +202,10 @@ class Node:
     async def _run(self, task_status: TaskStatus[None]) -> None:
         all_done = anyio.Event()
         await self._heartbeat_once()
+        # What exists once the node is set up (modules, the system, its client) lives as long
+        # as the process: frozen, it is left out of full collections, whose pauses would
+        # otherwise show in the latency of every message in flight.
+        gc.freeze()
         async with anyio.create_task_group() as outer:
 
             async def serve_partitions() -> None:
@@ -194,7 +225,7 @@ class Node:
                 await all_done.wait()
             outer.cancel_scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-            await self.membership.leave(self.node_id)
+            await self.membership.leave(self.node_id, now_ms=self.clock.lease_now_ms())
 
     @property
     def _partitions(self) -> list[tuple[str, int]]:
@@ -207,7 +238,9 @@ class Node:
         ]
 
     async def _heartbeat_once(self) -> None:
-        members = await self.membership.heartbeat(self.node_id, self.config.lease_ttl_ms)
+        members = await self.membership.heartbeat(
+            self.node_id, self.config.lease_ttl_ms, now_ms=self.clock.lease_now_ms()
+        )
         self.members = members
         # Partitions are spread evenly: the members, in order, take the remainder one each.
         base, remainder = divmod(len(self._partitions), max(1, len(members)))
@@ -216,7 +249,7 @@ class Node:
 
     async def _heartbeat(self) -> None:
         while True:
-            await anyio.sleep(self.config.lease_ttl_ms / 3000)
+            await self.clock.sleep(self.config.lease_ttl_ms / 3000)
             try:
                 await self._heartbeat_once()
             except INFRASTRUCTURE_ERRORS as error:
@@ -235,15 +268,19 @@ class Node:
             epoch = None
             # Beyond its share a node takes only a partition it has seen free twice in a row:
             # one whose owner died (before the members know it), not one handed to a joiner.
+            now_ms, asked_at = self.clock.lease_now_ms(), self.clock.now_ms()
             if len(self.sessions) < self.share or seen_free >= 2:
-                epoch = await partition.acquire(self.node_id, self.config.lease_ttl_ms)
+                epoch = await partition.acquire(
+                    self.node_id, self.config.lease_ttl_ms, now_ms=now_ms
+                )
             else:
-                seen_free = seen_free + 1 if await partition.owner() is None else 0
+                seen_free = seen_free + 1 if await partition.owner(now_ms) is None else 0
             if epoch is None:
                 await self.sleep_unless_stopping(self.config.lease_ttl_ms / 16000)
                 continue
             seen_free = 0
-            session = PartitionSession(self, partition, epoch)
+            held_until_ms = asked_at + self.config.lease_ttl_ms
+            session = PartitionSession(self, partition, epoch, held_until_ms=held_until_ms)
             self.sessions[(kind, number)] = session
             try:
                 await session.run()
@@ -253,8 +290,16 @@ class Node:
                 self.sessions.pop((kind, number), None)
 
     async def sleep_unless_stopping(self, seconds: float) -> None:
-        with anyio.move_on_after(seconds):
-            await self._stop_requested.wait()
+        """Sleep on the node's clock (simulated in tests); a stop request wakes it."""
+        async with anyio.create_task_group() as group:
+
+            async def wake_on_stop() -> None:
+                await self._stop_requested.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(wake_on_stop)
+            await self.clock.sleep(seconds)
+            group.cancel_scope.cancel()
 
     async def fault(self, point: str, address: Address | None) -> None:
         if self.faults is not None:
@@ -264,14 +309,27 @@ class Node:
 class PartitionSession:
     """One owned (kind, partition) for as long as the lease holds."""
 
-    def __init__(self, node: Node, partition: Partition, epoch: int) -> None:
+    def __init__(self, node: Node, partition: Partition, epoch: int, *, held_until_ms: int) -> None:
         self.node = node
         self.partition = partition
         self.epoch = epoch
+        self.held_until_ms = held_until_ms
+        """Until when the lease surely holds, by the node's clock: it was taken or renewed by
+        a call made `lease_ttl_ms` before."""
+        self._renewed = anyio.Event()
         self.system = node.system
         self.config = node.config
         self.actor: Actor[Any] = node.system.actors[partition.kind]
-        self.mailboxes: dict[str, MemoryObjectSendStream[_Delivery]] = {}
+        self.mailboxes: dict[str, _Mailbox] = {}
+        """The active actors, least recently used first."""
+        self._ready, self._ready_receive = anyio.create_memory_object_stream[list[_Mailbox]](
+            math.inf
+        )
+        self._newly_ready: list[_Mailbox] = []
+        """Actors given their first waiting message by the read in progress, not yet handed
+        out (see `_hand_out`)."""
+        self._idle_handlers = 0
+        self._drained = anyio.Event()
         self._timers_changed = anyio.Event()
         self._outbox_changed = anyio.Event()
         self.stopping = False
@@ -294,40 +352,46 @@ class PartitionSession:
             services.start_soon(self._renew_lease)
             services.start_soon(self._fire_timers)
             services.start_soon(self._relay_outbox)
-            async with anyio.create_task_group() as actors:
-                await self._read(actors)
+            services.start_soon(self._passivate)
+            async with anyio.create_task_group() as handlers:
+                with self._ready_receive:
+                    for _ in range(self.config.max_handling):
+                        handlers.start_soon(self._handle_mailboxes, self._ready_receive.clone())
+                await self._read()
+                await self._wait_drained()
+                # Only now: on a failure or a cancellation the handler tasks are cancelled
+                # instead, and one finishing a message must still find the line open.
+                self._ready.close()
             services.cancel_scope.cancel()
         await self.partition.release(self.node.node_id)
 
     # Reading and routing.
 
-    async def _read(self, actors: TaskGroup) -> None:
-        try:
-            await self._resume(actors)
-            inbox = self.partition.inbox
-            failures = 0
-            while not self.stopping:
-                try:
-                    entries = await inbox.read(
-                        self.node.node_id,
-                        count=self.config.read_count,
-                        block_ms=self.config.block_ms,
-                    )
-                    failures = 0
-                except INFRASTRUCTURE_ERRORS as error:
-                    failures += 1
-                    logger.warning("reading %s failed (%s); retrying", self.partition, error)
-                    await self.sleep_unless_stopping(self._backoff(failures))
-                    continue
-                for entry in entries:
-                    await self._dispatch(actors, entry, deliveries=1)
-                if not entries and self.config.block_ms is None:
-                    await self.sleep_unless_stopping(self.config.poll_s)
-        finally:
-            for mailbox in self.mailboxes.values():
-                mailbox.close()
+    async def _read(self) -> None:
+        await self._resume()
+        inbox = self.partition.inbox
+        failures = 0
+        while not self.stopping:
+            await self._hold_lease()
+            try:
+                entries = await inbox.read(
+                    self.node.node_id,
+                    count=self.config.read_count,
+                    block_ms=self.config.block_ms,
+                )
+                failures = 0
+            except INFRASTRUCTURE_ERRORS as error:
+                failures += 1
+                logger.warning("reading %s failed (%s); retrying", self.partition, error)
+                await self.sleep_unless_stopping(self._backoff(failures))
+                continue
+            for entry in entries:
+                await self._dispatch(entry, deliveries=1)
+            self._hand_out()
+            if not entries and self.config.block_ms is None:
+                await self.sleep_unless_stopping(self.config.poll_s)
 
-    async def _resume(self, actors: TaskGroup) -> None:
+    async def _resume(self) -> None:
         """Everything pending in this partition's group is ours now that we hold the lease:
         the previous owner's unfinished messages (and our own, after a restart) go first, in
         stream order, with their delivery counts."""
@@ -345,13 +409,21 @@ class PartitionSession:
                     )
                 }
                 for entry in claimed.entries:
-                    await self._dispatch(actors, entry, deliveries=counts.get(entry.id, 1))
+                    await self._dispatch(entry, deliveries=counts.get(entry.id, 1))
+                self._hand_out()
             start = claimed.next_start
             if start in (b"0-0", "0-0"):
                 return
 
-    async def _dispatch(self, actors: TaskGroup, entry: InboxEntry, *, deliveries: int) -> None:
+    async def _dispatch(self, entry: InboxEntry, *, deliveries: int) -> None:
+        # Back-pressure: the reader waits while this many messages are in the mailboxes.
+        try:
+            self._in_flight.acquire_nowait()
+        except anyio.WouldBlock:
+            self._hand_out()  # what it waits for may be waiting for those
+            await self._in_flight.acquire()
         if self.stopping:
+            self._settled(1)
             return  # left pending for the partition's next owner
         data = entry.data or b""
         envelope: Envelope | None = None
@@ -367,56 +439,148 @@ class PartitionSession:
         key = envelope.target if envelope is not None else f"!{entry.id.decode()}"
         mailbox = self.mailboxes.get(key)
         if mailbox is None:
-            mailbox, receive = anyio.create_memory_object_stream[_Delivery](
-                self.config.mailbox_size
-            )
-            self.mailboxes[key] = mailbox
-            actors.start_soon(self._mailbox_loop, key, receive)
-        # Back-pressure: the reader waits while this many messages are in the mailboxes.
-        await self._in_flight.acquire()
-        try:
-            await mailbox.send(_Delivery(entry.id, data, deliveries, envelope, error))
-        except anyio.BrokenResourceError:
-            # The mailbox's task ended: on a graceful stop, or by an error that is tearing the
-            # session down. The entry stays pending in the group for the partition's next owner.
-            self._in_flight.release()
+            mailbox = self.mailboxes[key] = _Mailbox(key, self.node.clock.now_ms())
+        while len(mailbox.waiting) >= self.config.mailbox_size:
+            self._hand_out()
+            # While the reader waits here the mailbox stays (see `_release`).
+            mailbox.room = anyio.Event()
+            await mailbox.room.wait()
+            mailbox.room = None
+        mailbox.waiting.append(_Delivery(entry.id, data, deliveries, envelope, error))
+        if not mailbox.held:
+            mailbox.held = True
+            self._newly_ready.append(mailbox)
 
-    async def _mailbox_loop(self, key: str, receive: MemoryObjectReceiveStream[_Delivery]) -> None:
-        loaded = _Loaded()
-        idle_s = self.actor.idle_after_s
-        with receive:
+    def _hand_out(self) -> None:
+        """Queue the actors the read gave messages to for the handler tasks, shared out among
+        the idle ones: several actors per task (committed together) only when there are more
+        actors than idle tasks."""
+        ready = self._newly_ready
+        if not ready:
+            return
+        self._newly_ready = []
+        size = min(self.config.commit_actors, -(-len(ready) // max(1, self._idle_handlers)))
+        for start in range(0, len(ready), size):
+            self._ready.send_nowait(ready[start : start + size])
+
+    async def _handle_mailboxes(self, ready: MemoryObjectReceiveStream[list[_Mailbox]]) -> None:
+        """One of the partition's handler tasks: takes the next actors handed out (and those
+        queued behind them, up to `commit_actors`), handles up to `commit_batch` messages of
+        each, and puts back in line those for which more wait."""
+        with ready:
             while True:
-                delivery: _Delivery | None = None
-                with anyio.move_on_after(idle_s):
+                self._idle_handlers += 1
+                try:
+                    group = await ready.receive()
+                except anyio.EndOfStream:
+                    return
+                finally:
+                    self._idle_handlers -= 1
+                while len(group) < self.config.commit_actors:
                     try:
-                        delivery = await receive.receive()
-                    except anyio.EndOfStream:
-                        return  # the reader stopped and what it handed over is done
-                if delivery is None:
-                    # Passivate; nothing can be in flight towards an idle, empty mailbox.
-                    if receive.statistics().current_buffer_used == 0:
-                        del self.mailboxes[key]
-                        return
-                    continue
-                batch = [delivery]
-                while len(batch) < self.config.commit_batch:
-                    try:
-                        batch.append(receive.receive_nowait())
+                        group += ready.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                batches = [self._take(mailbox) for mailbox in group]
+                done: list[bool] = []
                 try:
                     async with self.node.handling:
-                        if len(batch) == 1:
-                            await self._process(loaded, delivery)
-                        else:
-                            await self._process_batch(loaded, batch)
+                        done = await self._process_group(group, batches)
                 finally:
-                    for _ in batch:
-                        self._in_flight.release()
+                    self._settled(sum(len(batch) for batch in batches))
+                for mailbox, handled_all in zip(group, done, strict=True):
+                    if not handled_all:
+                        # Stopping, and a message was left pending: the ones after it wait for
+                        # the next owner too, so that they stay behind it.
+                        self._settled(len(mailbox.waiting))
+                        mailbox.waiting.clear()
+                    self._release(mailbox)
+
+    def _take(self, mailbox: _Mailbox) -> list[_Delivery]:
+        """The next messages of `mailbox` to handle, up to `commit_batch`."""
+        waiting = mailbox.waiting
+        batch = [waiting.popleft() for _ in range(min(len(waiting), self.config.commit_batch))]
+        if mailbox.room is not None:
+            mailbox.room.set()
+        return batch
+
+    def _release(self, mailbox: _Mailbox) -> None:
+        """A handler task is done with `mailbox`: back in line if messages wait, else idle."""
+        if mailbox.waiting:
+            self._ready.send_nowait([mailbox])
+            return
+        mailbox.held = False
+        mailbox.last_used_ms = self.node.clock.now_ms()
+        key = mailbox.key
+        del self.mailboxes[key]
+        # An actor whose view could not be kept (undecodable messages, failures) is not kept.
+        if mailbox.view is not None or mailbox.room is not None:
+            self.mailboxes[key] = mailbox  # most recently used last
+
+    def _settled(self, count: int) -> None:
+        """`count` messages left the mailboxes: handled, dead-lettered, or left pending."""
+        for _ in range(count):
+            self._in_flight.release()
+        if self._in_flight.value == self.config.max_in_flight:
+            self._drained.set()
+
+    async def _wait_drained(self) -> None:
+        """Until every message handed to a mailbox has left it."""
+        while self._in_flight.value < self.config.max_in_flight:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+
+    async def _passivate(self) -> None:
+        """Actors idle for `idle_after_s` are forgotten (their views are rebuilt on demand)."""
+        idle_s = self.actor.idle_after_s
+        while True:
+            await self.node.clock.sleep(idle_s / 4)
+            oldest = self.node.clock.now_ms() - round(idle_s * 1000)
+            idle: list[str] = []
+            for key, mailbox in self.mailboxes.items():
+                if mailbox.last_used_ms > oldest:
+                    break  # least recently used first: the rest are more recent
+                if not mailbox.held and mailbox.room is None:
+                    idle.append(key)
+            for key in idle:
+                del self.mailboxes[key]
 
     # Handling.
 
-    async def _process(self, loaded: _Loaded, delivery: _Delivery) -> None:
+    async def _process_group(
+        self, group: list[_Mailbox], batches: list[list[_Delivery]]
+    ) -> list[bool]:
+        """Handle each actor's batch; commit them all in one script call when every one goes
+        through, else each actor's the careful way (`_process_actor`). Per actor: True when
+        all its messages were committed or dead-lettered (see `_process`)."""
+        if len(group) == 1:
+            return [await self._process_actor(group[0], batches[0])]
+        handled_all: list[list[_Handled]] = []
+        for mailbox, batch in zip(group, batches, strict=True):
+            handled: list[_Handled] = []
+            try:
+                for delivery in batch:
+                    handled.append(await self._handle_next(mailbox, handled, delivery))
+            except PartitionLost:
+                raise
+            except Exception:
+                pass  # batch[len(handled)] and those after it take the careful path
+            handled_all.append(handled)
+        committed = await self._commit_group(group, handled_all)
+        done: list[bool] = []
+        for mailbox, batch, handled in zip(group, batches, handled_all, strict=True):
+            rest = batch[len(handled) :] if committed else batch
+            done.append(await self._process_actor(mailbox, rest) if rest else True)
+        return done
+
+    async def _process_actor(self, mailbox: _Mailbox, batch: list[_Delivery]) -> bool:
+        if len(batch) == 1:
+            return await self._process(mailbox, batch[0])
+        return await self._process_batch(mailbox, batch)
+
+    async def _process(self, mailbox: _Mailbox, delivery: _Delivery) -> bool:
+        """Handle `delivery` until committed or dead-lettered (True), or until stopping leaves
+        it pending (False)."""
         attempts = delivery.deliveries
         max_deliveries = self.actor.max_deliveries or self.config.max_deliveries
         failures = 0
@@ -424,24 +588,24 @@ class PartitionSession:
         # failed is left pending (its attempts counted) for the partition's next owner.
         while True:
             try:
-                await self._handle_once(loaded, delivery)
-                return
+                await self._handle_once(mailbox, delivery)
+                return True
             except _Retry:
                 continue
             except INFRASTRUCTURE_ERRORS as error:
-                loaded.view = None
+                mailbox.view = None
                 if self.stopping:
-                    return
+                    return False
                 failures += 1
                 logger.warning("redis unavailable (%s); retrying", error)
                 await self.sleep_unless_stopping(self._backoff(failures))
             except PartitionLost:
                 raise
             except Exception as error:
-                loaded.view = None
+                mailbox.view = None
                 if attempts >= max_deliveries:
                     await self._dead_letter(delivery, error, attempts)
-                    return
+                    return True
                 logger.info(
                     "attempt %d of %s failed: %r", attempts, delivery.entry_id.decode(), error
                 )
@@ -451,70 +615,74 @@ class PartitionSession:
                     self.node.node_id, delivery.entry_id, attempts
                 )
                 if self.stopping:
-                    return
+                    return False
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.config.retry_cap_s, self.config.retry_base_s * 2 ** (attempt - 1)))
 
-    async def _handle_once(self, loaded: _Loaded, delivery: _Delivery) -> None:
+    async def _handle_once(self, mailbox: _Mailbox, delivery: _Delivery) -> None:
         """Handle and commit one message (the careful path, with retries around it)."""
-        handled = await self._handle_next(loaded, [], delivery)
-        result = await self._commit(loaded, [handled])
+        handled = await self._handle_next(mailbox, [], delivery)
+        result = await self._commit(mailbox, [handled])
         if result.status is CommitStatus.CONFLICT:
             raise _Retry
 
-    async def _process_batch(self, loaded: _Loaded, batch: list[_Delivery]) -> None:
+    async def _process_batch(self, mailbox: _Mailbox, batch: list[_Delivery]) -> bool:
         """Handle messages of one actor one after another and commit them in one script call.
 
         A message that fails to handle or was handled before takes the careful path on its
         own, after the messages before it are committed; the rest go on batching. A version
-        conflict (another writer) sends the whole batch the careful way."""
+        conflict (another writer) sends the whole batch the careful way. False when stopping
+        left a message pending (see `_process`)."""
         while batch:
             handled: list[_Handled] = []
             try:
                 for delivery in batch:
-                    handled.append(await self._handle_next(loaded, handled, delivery))
+                    handled.append(await self._handle_next(mailbox, handled, delivery))
             except PartitionLost:
                 raise
             except Exception:
                 pass  # batch[len(handled)] takes the careful path below
             done = 0
             if handled:
-                result = await self._commit_or_none(loaded, handled)
+                result = await self._commit_or_none(mailbox, handled)
                 if result is not None and result.status is CommitStatus.DUPLICATE:
                     done = result.duplicate or 0
                     if done:
-                        result = await self._commit_or_none(loaded, handled[:done])
+                        result = await self._commit_or_none(mailbox, handled[:done])
                 elif result is not None and result.status is CommitStatus.COMMITTED:
                     done = len(handled)
                 if result is None or result.status is CommitStatus.CONFLICT:
                     for delivery in batch:
-                        await self._process(loaded, delivery)
-                    return
+                        if not await self._process(mailbox, delivery):
+                            return False
+                    return True
             if done < len(batch):
-                await self._process(loaded, batch[done])
+                if not await self._process(mailbox, batch[done]):
+                    return False
                 done += 1
             batch = batch[done:]
+        return True
 
     async def _handle_next(
-        self, loaded: _Loaded, handled: list[_Handled], delivery: _Delivery
+        self, mailbox: _Mailbox, handled: list[_Handled], delivery: _Delivery
     ) -> _Handled:
         """Handle `delivery` on the view the messages handled before it in the batch left."""
         if delivery.envelope is None:
             raise delivery.error or DecodeError("no envelope", reason="malformed")
         address = Address.parse(delivery.envelope.target)
-        if loaded.view is None:
-            loaded.view = await rebuild(self.system.store, self.actor, address)
-        return await self._handle(address, handled[-1].view if handled else loaded.view, delivery)
+        if mailbox.view is None:
+            mailbox.view = await rebuild(self.system.store, self.actor, address)
+        return await self._handle(address, handled[-1].view if handled else mailbox.view, delivery)
 
     async def _commit_or_none(
-        self, loaded: _Loaded, handled: list[_Handled]
+        self, mailbox: _Mailbox, handled: list[_Handled]
     ) -> CommitResult | None:
         """Commit, or None (and the view forgotten) if Redis failed: the careful path retries."""
         try:
-            return await self._commit(loaded, handled)
+            return await self._commit(mailbox, handled)
         except INFRASTRUCTURE_ERRORS:
-            loaded.view = None
+            mailbox.view = None
             return None
 
     async def _handle(self, address: Address, view: ActorView, delivery: _Delivery) -> _Handled:
@@ -640,15 +808,14 @@ class PartitionSession:
         )
         return _Handled(address, ActorView(version + len(events), new_state), commit, reply)
 
-    async def _commit(self, loaded: _Loaded, handled: list[_Handled]) -> CommitResult:
+    async def _commit(self, mailbox: _Mailbox, handled: list[_Handled]) -> CommitResult:
         """Commit handled messages of one actor; on success, the replies and snapshot follow."""
-        assert loaded.view is not None
-        before = loaded.view.version
+        assert mailbox.view is not None
         address = handled[0].address
         await self.node.fault("before-commit", address)
         result = await self.partition.commit(
             address,
-            before,
+            mailbox.view.version,
             [item.commit for item in handled],
             epoch=self.epoch,
             now_ms=self.node.clock.now_ms(),
@@ -658,22 +825,64 @@ class PartitionSession:
         if result.status is CommitStatus.FENCED:
             raise PartitionLost(f"{self.partition} moved to another node")
         if result.status is CommitStatus.CONFLICT:
-            loaded.view = None
+            mailbox.view = None
+        if result.status is CommitStatus.COMMITTED:
+            await self._committed(mailbox, handled)
+        return result
+
+    async def _commit_group(self, group: list[_Mailbox], handled_all: list[list[_Handled]]) -> bool:
+        """Commit what several actors handled in one script call; False when nothing was
+        written (a conflict, a message handled before, Redis unavailable)."""
+        parts = [
+            (mailbox, handled)
+            for mailbox, handled in zip(group, handled_all, strict=True)
+            if handled
+        ]
+        if not parts:
+            return True
+        actors: list[ActorCommits] = []
+        for mailbox, handled in parts:
+            assert mailbox.view is not None
+            await self.node.fault("before-commit", handled[0].address)
+            commits = [item.commit for item in handled]
+            actors.append(ActorCommits(handled[0].address, mailbox.view.version, commits))
+        try:
+            result = await self.partition.commit_many(
+                actors, epoch=self.epoch, now_ms=self.node.clock.now_ms(), seen=self.config.seen
+            )
+        except INFRASTRUCTURE_ERRORS:
+            for mailbox, _ in parts:
+                mailbox.view = None
+            return False
+        for _, handled in parts:
+            await self.node.fault("after-commit", handled[0].address)
+        if result.status is CommitStatus.FENCED:
+            raise PartitionLost(f"{self.partition} moved to another node")
+        if result.status is CommitStatus.CONFLICT:
+            assert result.actor is not None
+            parts[result.actor][0].view = None
         if result.status is not CommitStatus.COMMITTED:
-            return result
-        after = handled[-1].view
-        loaded.view = after
+            return False
+        for mailbox, handled in parts:
+            await self._committed(mailbox, handled)
+        return True
+
+    async def _committed(self, mailbox: _Mailbox, handled: list[_Handled]) -> None:
+        """After a commit: the actor's new view, the services woken, a snapshot when one is
+        due, the answers to external asks."""
+        assert mailbox.view is not None
+        before, after = mailbox.view.version, handled[-1].view
+        mailbox.view = after
         if any(item.commit.timers for item in handled):
             self._timers_changed.set()
         if any(item.commit.remote for item in handled):
             self._outbox_changed.set()
         every = self.actor.snapshot_every
         if every and after.version // every > before // every:
-            await self._snapshot(address, after.state, after.version)
+            await self._snapshot(handled[0].address, after.state, after.version)
         for item in handled:
             if item.reply is not None:
                 await self._reply(*item.reply)
-        return result
 
     async def _snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
         # Snapshots only speed activation up (G5): failing to write one loses nothing.
@@ -718,19 +927,38 @@ class PartitionSession:
     # Services.
 
     async def _renew_lease(self) -> None:
-        ttl_ms = self.config.lease_ttl_ms
-        deadline = anyio.current_time() + ttl_ms / 1000
+        node, ttl_ms = self.node, self.config.lease_ttl_ms
+        clock = node.clock
         while True:
-            await anyio.sleep(ttl_ms / 3000)
+            await clock.sleep(ttl_ms / 3000)
+            asked_at = clock.now_ms()
             try:
-                epoch = await self.partition.acquire(self.node.node_id, ttl_ms)
+                epoch = await self.partition.acquire(
+                    node.node_id, ttl_ms, now_ms=clock.lease_now_ms()
+                )
             except INFRASTRUCTURE_ERRORS:
-                if anyio.current_time() > deadline:
+                if clock.now_ms() > self.held_until_ms:
                     raise PartitionLost(f"could not renew {self.partition}") from None
                 continue
             if epoch != self.epoch:
                 raise PartitionLost(f"{self.partition} lease lost (epoch {epoch})")
-            deadline = anyio.current_time() + ttl_ms / 1000
+            self.held_until_ms = asked_at + ttl_ms
+            self._renewed.set()
+            self._renewed = anyio.Event()
+
+    async def _hold_lease(self) -> None:
+        """Wait until the lease surely holds for one more read (a blocking read's wait
+        included). A node that stood still past its lease (a pause, a stalled event loop) must
+        not take new entries into its pending list once it wakes: the node that took the
+        partition over claimed the pending entries when it started, not later ones; they would
+        stay there, unhandled. The renewal that finds the lease lost ends the session."""
+        clock = self.node.clock
+        margin_ms = min(self.config.block_ms or 0, self.config.lease_ttl_ms // 3)
+        while True:
+            renewed = self._renewed
+            if clock.now_ms() + margin_ms < self.held_until_ms:
+                return
+            await renewed.wait()
 
     async def _fire_timers(self) -> None:
         client = self.system.client

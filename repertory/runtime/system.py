@@ -51,7 +51,11 @@ class Answer(msgspec.Struct, frozen=True):
     reply: msgspec.Struct | None
 
 
-class ActorView(msgspec.Struct, frozen=True):
+class ActorView(msgspec.Struct, frozen=True, gc=False):
+    """An actor's state at a version. Not tracked by the garbage collector (it is never part
+    of a reference cycle): a node keeps one per active actor, and full collections would
+    otherwise walk them all."""
+
     version: int
     state: Any
 

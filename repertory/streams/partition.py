@@ -33,6 +33,21 @@ class CommitResult(NamedTuple):
     """On DUPLICATE, the position in the batch of the first message handled before."""
 
 
+class GroupCommitResult(NamedTuple):
+    """What a commit of several actors came to; on anything but COMMITTED, nothing written."""
+
+    status: CommitStatus
+    versions: tuple[int, ...] = ()
+    """On COMMITTED, each actor's version after the commit, in order."""
+    actor: int | None = None
+    """On CONFLICT or DUPLICATE, the position of the actor concerned."""
+    position: int | None = None
+    """On DUPLICATE, the position among that actor's commits of the first message handled
+    before."""
+    version: int = 0
+    """On CONFLICT, that actor's current version; on FENCED, the partition's epoch."""
+
+
 @dataclass(frozen=True, slots=True)
 class Commit:
     """The whole effect of handling one message, written at once or not at all.
@@ -52,6 +67,20 @@ class Commit:
     remote: Sequence[tuple[int, str, bytes]] = ()
     inbox_entry: bytes | None = None
     rejected: str = ""
+
+
+class Lease(NamedTuple):
+    owner: str
+    expires_ms: int
+    """When it lapses unless renewed: on the server's clock, or the clock the node was given."""
+
+
+class ActorCommits(NamedTuple):
+    """One actor's part of a commit: the version its commits start from, and the commits."""
+
+    address: Address
+    expected_version: int
+    commits: Sequence[Commit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,49 +121,71 @@ class Partition:
     ) -> CommitResult:
         """Commit the outcomes of handling messages of one actor, in order, in one script call:
         all of them, or (on a conflict, a duplicate or a lost epoch) none."""
+        result = await self.commit_many(
+            [ActorCommits(address, expected_version, commits)],
+            epoch=epoch,
+            now_ms=now_ms,
+            seen=seen,
+        )
+        if result.status is CommitStatus.COMMITTED:
+            return CommitResult(result.status, result.versions[0])
+        if result.status is CommitStatus.DUPLICATE:
+            return CommitResult(result.status, expected_version, result.position)
+        return CommitResult(result.status, result.version)
+
+    async def commit_many(
+        self,
+        actors: Sequence["ActorCommits"],
+        *,
+        epoch: int | None,
+        now_ms: int,
+        seen: SeenWindow,
+    ) -> "GroupCommitResult":
+        """Commit the outcomes of handling messages of several actors of this partition in one
+        script call (each actor's in order): all of them, or (on a conflict or a duplicate in
+        any of them, or a lost epoch) none."""
         args: list[Any] = [
             self.group,
             "" if epoch is None else epoch,
-            expected_version,
             now_ms,
             seen.window_ms,
             seen.limit,
-            len(commits),
+            len(actors),
         ]
-        for commit in commits:
-            args.extend(
-                (
-                    commit.inbox_entry or "",
-                    commit.dedupe_id,
-                    commit.handled,
-                    commit.rejected,
-                    commit.handled_at,
-                    len(commit.events),
-                    *commit.events,
-                    len(commit.local),
-                    *commit.local,
-                    len(commit.timers),
+        keys = [self.inbox.stream, self.seen_key, self.epoch_key, self.outbox_key, self.timers_key]
+        for address, expected_version, commits in actors:
+            keys.extend((self.keys.events(address), self.keys.handled(address)))
+            args.extend((expected_version, len(commits)))
+            for commit in commits:
+                args.extend(
+                    (
+                        commit.inbox_entry or "",
+                        commit.dedupe_id,
+                        commit.handled,
+                        commit.rejected,
+                        commit.handled_at,
+                        len(commit.events),
+                        *commit.events,
+                        len(commit.local),
+                        *commit.local,
+                        len(commit.timers),
+                    )
                 )
-            )
-            for due, message in commit.timers:
-                args.extend((due, message))
-            args.append(len(commit.remote))
-            for due, target, message in commit.remote:
-                args.extend((due, target, message))
-        keys = [
-            self.keys.events(address),
-            self.keys.handled(address),
-            self.inbox.stream,
-            self.seen_key,
-            self.epoch_key,
-            self.outbox_key,
-            self.timers_key,
-        ]
-        status, value = await COMMIT(self.client, keys, args)
-        outcome = CommitStatus(int(status))
-        if outcome is CommitStatus.DUPLICATE:
-            return CommitResult(outcome, expected_version, int(value) - 1)
-        return CommitResult(outcome, int(value or 0))
+                for due, message in commit.timers:
+                    args.extend((due, message))
+                args.append(len(commit.remote))
+                for due, target, message in commit.remote:
+                    args.extend((due, target, message))
+        reply = await COMMIT(self.client, keys, args)
+        status = CommitStatus(int(reply[0]))
+        if status is CommitStatus.COMMITTED:
+            return GroupCommitResult(status, tuple(int(version) for version in reply[1:]))
+        if status is CommitStatus.FENCED:
+            return GroupCommitResult(status, version=int(reply[1] or 0))
+        actor = int(reply[1]) - 1
+        if status is CommitStatus.DUPLICATE:
+            return GroupCommitResult(status, actor=actor, position=int(reply[2]) - 1)
+        return GroupCommitResult(status, actor=actor, version=int(reply[2]))
 
     async def relay(self, consumer: str, *, count: int = 200) -> int:
         """Forward committed outbox entries to their target partitions, then drop them.
@@ -176,16 +227,31 @@ class Partition:
         )
         return int(fired)
 
-    async def acquire(self, node_id: str, ttl_ms: int) -> int | None:
-        """Take or renew the lease; returns the epoch held, or None if another node holds it."""
+    async def acquire(self, node_id: str, ttl_ms: int, *, now_ms: int | None = None) -> int | None:
+        """Take or renew the lease; returns the epoch held, or None if another node holds it.
+
+        Expiry is judged at `now_ms`, or by the server's clock when None (see `Clock`)."""
         epoch, _owner = await LEASE(
-            self.client, [self.lease_key, self.epoch_key], [node_id, ttl_ms]
+            self.client,
+            [self.lease_key, self.epoch_key],
+            [node_id, ttl_ms, "" if now_ms is None else now_ms],
         )
         return int(epoch) or None
 
-    async def owner(self) -> str | None:
-        owner = await self.client.get(self.lease_key)
-        return None if owner is None else owner.decode()
+    async def lease(self, now_ms: int | None = None) -> Lease | None:
+        """The lease, or None when it is free: lapsed at `now_ms` or, when None, removed by
+        the server's own expiry."""
+        owner, expires = await self.client.hmget(self.lease_key, ["owner", "expires"])
+        if owner is None or expires is None:
+            return None
+        lease = Lease(owner.decode(), int(expires))
+        if now_ms is not None and lease.expires_ms <= now_ms:
+            return None
+        return lease
+
+    async def owner(self, now_ms: int | None = None) -> str | None:
+        lease = await self.lease(now_ms)
+        return None if lease is None else lease.owner
 
     async def release(self, node_id: str) -> bool:
         return bool(await RELEASE_LEASE(self.client, [self.lease_key], [node_id]))

@@ -18,9 +18,9 @@ step the system recovers and the invariants are checked (see `simulation`). A fa
 to a minimal schedule, raised as `GuaranteeViolation` with its seed and a line to replay it.
 """
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import anyio
 import anyio.from_thread
@@ -59,6 +59,8 @@ from repertory.runtime.testkit.simulation import (
 )
 from repertory.runtime.testkit.strategies import malformed_bytes, messages
 
+T = TypeVar("T")
+
 ALL_FAULTS = frozenset(
     {
         "duplicate_send",
@@ -87,7 +89,81 @@ def _messages() -> st.SearchStrategy[msgspec.Struct]:
     return st.runner().flatmap(lambda machine: machine.messages())
 
 
-class ActorMachine(RuleBasedStateMachine):
+class SimulationMachine(RuleBasedStateMachine):
+    """A state machine hosting a `Simulation` (made by `make_simulation`) in a blocking portal's
+    event loop, so that its sync rules can drive it (`call`); a host task owns the simulation
+    and its nodes until teardown."""
+
+    def make_simulation(self, seed: int) -> Simulation:
+        raise NotImplementedError(f"{type(self).__name__} must define make_simulation(seed)")
+
+    @property
+    def simulation(self) -> Simulation:
+        assert self._simulation is not None, "the machine has not started"
+        return self._simulation
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._simulation: Simulation | None = None
+        self._portal_cm: Any = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._host: Future[None] | None = None
+        self._stop: anyio.Event | None = None
+        self.failed = False
+        """A call raised: the example failed (a final check in teardown would only hide why)."""
+
+    @initialize(seed=st.integers(0, 2**32 - 1))
+    def start(self, seed: int) -> None:
+        self._simulation = self.make_simulation(seed)
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        self._host, _ = self._portal.start_task(self._run)
+
+    async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._stop = anyio.Event()
+        async with self.simulation:
+            task_status.started()
+            await self._stop.wait()
+
+    def _host_failure(self) -> None:
+        """Raise what ended the host early: a node that failed other than by a planned fault."""
+        if self._host is not None and self._host.done() and not self._host.cancelled():
+            self._host.result()
+
+    @overload
+    def call(self, function: Callable[[], Awaitable[T]]) -> T: ...
+
+    @overload
+    def call(self, function: Callable[[], T]) -> T: ...
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run `function()` in the simulation's event loop (awaited if it is a coroutine
+        function) and return its result."""
+        assert self._portal is not None
+        self._host_failure()
+        try:
+            return self._portal.call(function)
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            self._host_failure()
+
+    def teardown(self) -> None:
+        if self._portal is None:
+            return
+        stop = self._stop
+        if stop is not None:
+            self._portal.call(stop.set)
+        try:
+            if self._host is not None:
+                self._host.result()
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+            self._portal = None
+
+
+class ActorMachine(SimulationMachine):
     """Subclass with `actor` and `model`; optionally `ids`, `faults`, `messages`, `url`."""
 
     actor: ClassVar[Actor[Any]]
@@ -113,29 +189,12 @@ class ActorMachine(RuleBasedStateMachine):
     def now_ms(self) -> int:
         return self.simulation.clock.now_ms()
 
-    @property
-    def simulation(self) -> Simulation:
-        assert self._simulation is not None, "the machine has not started"
-        return self._simulation
-
     @classmethod
     def replay_hint(cls) -> str:
         return f"{cls.__module__}.{cls.__qualname__}.replay"
 
-    # Life cycle: the simulation lives in a blocking portal's event loop, so that the sync
-    # rules can drive it; a host task owns it (and the nodes) until teardown.
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._simulation: Simulation | None = None
-        self._portal_cm: Any = None
-        self._portal: anyio.from_thread.BlockingPortal | None = None
-        self._host: Future[None] | None = None
-        self._stop: anyio.Event | None = None
-
-    @initialize(seed=st.integers(0, 2**32 - 1))
-    def start(self, seed: int) -> None:
-        self._simulation = Simulation(
+    def make_simulation(self, seed: int) -> Simulation:
+        return Simulation(
             self.actor,
             self.model,
             ids=self.ids,
@@ -144,44 +203,9 @@ class ActorMachine(RuleBasedStateMachine):
             partitions=self.partitions,
             replay_hint=self.replay_hint(),
         )
-        self._portal_cm = anyio.from_thread.start_blocking_portal()
-        self._portal = self._portal_cm.__enter__()
-        self._host, _ = self._portal.start_task(self._run)
-
-    async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self._stop = anyio.Event()
-        async with self.simulation:
-            task_status.started()
-            await self._stop.wait()
-
-    def _host_failure(self) -> None:
-        """Raise what ended the host early: a node that failed other than by a planned fault."""
-        if self._host is not None and self._host.done() and not self._host.cancelled():
-            self._host.result()
-
-    def _call(self, function: Callable[[], Any]) -> None:
-        assert self._portal is not None
-        self._host_failure()
-        try:
-            self._portal.call(function)
-        finally:
-            self._host_failure()
 
     def apply(self, step: Step) -> None:
-        self._call(lambda: self.simulation.apply(step))
-
-    def teardown(self) -> None:
-        if self._portal is None:
-            return
-        stop = self._stop
-        if stop is not None:
-            self._portal.call(stop.set)
-        try:
-            if self._host is not None:
-                self._host.result()
-        finally:
-            self._portal_cm.__exit__(None, None, None)
-            self._portal = None
+        self.call(lambda: self.simulation.apply(step))
 
     # The rules: one per step kind.
 
@@ -247,7 +271,7 @@ class ActorMachine(RuleBasedStateMachine):
 
     @invariant()
     def guarantees_hold(self) -> None:
-        self._call(self.simulation.check)
+        self.call(self.simulation.check)
         try:
             self.check_effects()
         except GuaranteeViolation:
@@ -278,14 +302,16 @@ def machine_settings(**overrides: Any) -> settings:
     return settings(settings.default, **{**base, **overrides})
 
 
-def run_machine(machine: type[ActorMachine], *, url: str | None = None, **overrides: Any) -> None:
+def run_machine(
+    machine: type[SimulationMachine], *, url: str | None = None, **overrides: Any
+) -> None:
     """Run `machine` as a test (on `url` if given, else fakeredis) under `machine_settings`."""
     target = machine if url is None else type(machine.__name__, (machine,), {"url": url})
     run_state_machine_as_test(target, settings=machine_settings(**overrides))
 
 
 def find_violation(
-    machine: type[ActorMachine], *, url: str | None = None, **overrides: Any
+    machine: type[SimulationMachine], *, url: str | None = None, **overrides: Any
 ) -> GuaranteeViolation:
     """Run `machine`, expecting it to fail; returns the shrunk violation (for testing the kit
     on planted bugs, or asserting a known bug is found)."""
