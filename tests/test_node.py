@@ -1,6 +1,7 @@
 """One node running real actors: handling, replies, order, dedupe, timers, relay, snapshots,
 poison messages, graceful stop. On fakeredis and on the real embedded server."""
 
+import gc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from functools import partial
@@ -248,6 +249,25 @@ async def test_actors_waiting_together_are_committed_in_one_script_call(
         handled = await system.client.xlen(system.keys.handled(Address("account", actor)))
         assert handled == len(expected[actor]) + refused
         assert view.version == len(expected[actor])
+
+
+async def test_nodes_started_again_and_again_freeze_nothing_more(system: ActorSystem) -> None:
+    """The first node of a process freezes what exists then (short full collections); a node
+    started after it must not freeze again, or the garbage of those before would never be
+    collected (a process that starts nodes again and again, as tests do, would grow)."""
+    frozen: list[int] = []
+    for _ in range(3):
+        running = Node(system, FAST)
+        async with anyio.create_task_group() as group:
+            await group.start(running.run)
+            frozen.append(gc.get_freeze_count())
+            running.stop()
+        garbage: list[object] = []
+        garbage.append(garbage)  # a reference cycle: only the collector frees it
+        del garbage
+    assert frozen[0] > 0
+    # Frozen objects freed by their reference counts leave the frozen set: it only shrinks.
+    assert max(frozen[1:]) <= frozen[0]
 
 
 async def test_messages_to_other_partitions_arrive_once(system: ActorSystem, node: Node) -> None:

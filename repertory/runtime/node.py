@@ -202,10 +202,14 @@ class Node:
     async def _run(self, task_status: TaskStatus[None]) -> None:
         all_done = anyio.Event()
         await self._heartbeat_once()
-        # What exists once the node is set up (modules, the system, its client) lives as long
-        # as the process: frozen, it is left out of full collections, whose pauses would
-        # otherwise show in the latency of every message in flight.
-        gc.freeze()
+        if gc.get_freeze_count() == 0:
+            # What exists once the first node of the process is set up (modules, the system,
+            # its client) lives as long as the process: frozen, it is left out of full
+            # collections, whose pauses would otherwise show in the latency of every message in
+            # flight. Once only, after a collection: what is frozen is never collected, so a
+            # process that starts nodes again and again (tests) must not freeze their garbage.
+            gc.collect()
+            gc.freeze()
         async with anyio.create_task_group() as outer:
 
             async def serve_partitions() -> None:
