@@ -492,8 +492,8 @@ class PartitionSession:
                         done = await self._process_group(group, batches)
                 finally:
                     self._settled(sum(len(batch) for batch in batches))
-                for mailbox, handled_all in zip(group, done, strict=True):
-                    if not handled_all:
+                for mailbox, finished in zip(group, done, strict=True):
+                    if not finished:
                         # Stopping, and a message was left pending: the ones after it wait for
                         # the next owner too, so that they stay behind it.
                         self._settled(len(mailbox.waiting))
