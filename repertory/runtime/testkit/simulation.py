@@ -592,8 +592,11 @@ class Simulation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # No await before the task group exits (it waits for the nodes): when a node failed,
+        # this task is being cancelled, and an await here would skip the exit.
         for running in self._nodes:
-            await self.kill(running)
+            running.scope.cancel()
+            running.clock.resume()
         await self._stack.__aexit__(exc_type, exc, tb)
 
     @property
@@ -638,6 +641,11 @@ class Simulation:
                         await node.run(task_status=task_status)
                     except* SimulatedCrash:
                         pass
+            except Exception:
+                # Unless the node was killed: what a killed process's tasks raise while they
+                # are torn down is never seen.
+                if not scope.cancel_called:
+                    raise
             finally:
                 dead.set()
 
@@ -710,38 +718,58 @@ class Simulation:
         while ms > 0:
             moved = min(step, ms)
             ms -= moved
-            with anyio.move_on_after(self.catch_up_s) as waiting:
-                turns = 0
-                while self.clock.waking or self._behind(moved):
-                    # The nodes' next moves are a few scheduler turns away, on fakeredis.
-                    turns += 1
-                    await anyio.sleep(0 if turns < 100 else 0.001)
-            if waiting.cancelled_caught:
-                behind = "; ".join(self._behind(moved))
-                raise self.violation(
-                    f"after {self.catch_up_s} s at {self.clock.now_ms()} ms: {behind}"
-                )
+            await self._keep_up(moved)
             self.clock.advance(moved)
+        await self._keep_up(0)
+
+    async def jump_time(self, ms: int) -> None:
+        """Simulated time jumps `ms` at once, as if every node had stood still that long:
+        their leases and memberships lapse and they take them anew. The jump falls between
+        lease calls, as a stall does (a call under way would otherwise come back with a lease
+        already past, and the node would wait for a renewal that time must bring)."""
+        await self._keep_up(0)
+        self.clock.advance(ms)
+        await self._keep_up(0)
+
+    async def _keep_up(self, ms: int) -> None:
+        """Wait until every woken sleeper went on and time may move `ms` (see `_behind`)."""
+        with anyio.move_on_after(self.catch_up_s) as waiting:
+            turns = 0
+            while self.clock.waking or self._behind(ms):
+                # The nodes' next moves are a few scheduler turns away, on fakeredis.
+                turns += 1
+                await anyio.sleep(0 if turns < 100 else 0.001)
+        if waiting.cancelled_caught:
+            behind = "; ".join(self._behind(ms))
+            raise self.violation(
+                f"after {self.catch_up_s} s at {self.clock.now_ms()} ms: "
+                f"{behind or f'{self.clock.waking} woken sleepers did not go on'}"
+            )
 
     def _behind(self, ms: int) -> list[str]:
         """What keeps time from moving `ms` on (once every woken sleeper went on): a lease or
         membership call of a live node under way, or a heartbeat or lease of one that would
         lapse (its renewal is due: the node renews every third of a TTL, and time moves by a
         sixth at most)."""
-        horizon = self.clock.now_ms() + ms
+        now = self.clock.now_ms()
         behind = []
+
+        def lapses(expiry: int | None) -> bool:
+            # Lapsed already (the node stood still): nothing left to keep; the node finds out
+            # when its renewal comes due. None: a lease it lost (its session is ending).
+            return expiry is not None and now < expiry <= now + ms
+
         for running in self._nodes:
             if not running.live:
                 continue
             view = running.view
             if view.lease_calls:
                 behind.append(f"{running.node_id} has a lease or membership call under way")
-            if view.member_expiry is None or view.member_expiry <= horizon:
+            if lapses(view.member_expiry):
                 behind.append(f"{running.node_id} did not heartbeat ({view.member_expiry})")
             for key in list(running.node.sessions):
-                # None: a lease the node lost (its session is ending).
                 expiry = view.lease_expiry.get(key)
-                if expiry is not None and expiry <= horizon:
+                if lapses(expiry):
                     behind.append(f"{running.node_id} did not renew {_name(key)} ({expiry})")
         return behind
 
@@ -861,7 +889,7 @@ class Simulation:
                 for number in range(self.partitions):
                     await client.delete(system.keys.snapshots(self.actor.kind, number))
             case AdvanceClock(ms):
-                self.clock.advance(ms)
+                await self.jump_time(ms)
             case Pause(actor_id, message):
                 await self._pause(actor_id, message)
             case InjectGarbage(actor_id, data):
