@@ -465,7 +465,12 @@ class PartitionSession:
         self._newly_ready = []
         size = min(self.config.commit_actors, -(-len(ready) // max(1, self._idle_handlers)))
         for start in range(0, len(ready), size):
-            self._ready.send_nowait(ready[start : start + size])
+            try:
+                self._ready.send_nowait(ready[start : start + size])
+            except anyio.BrokenResourceError:
+                # The handler tasks are gone: the session is being torn down (cancelled) and
+                # the reader with it; the entries stay pending for the partition's next owner.
+                return
 
     async def _handle_mailboxes(self, ready: MemoryObjectReceiveStream[list[_Mailbox]]) -> None:
         """One of the partition's handler tasks: takes the next actors handed out (and those
