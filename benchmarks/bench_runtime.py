@@ -21,7 +21,6 @@ the database once its checks are done, so that 100,000-actor rounds do not pile 
 import argparse
 import asyncio
 import collections
-import contextlib
 import importlib.util
 import threading
 import time
@@ -360,8 +359,11 @@ class RawNode:
         self.consumer = f"raw-{uuid.uuid4().hex[:6]}"
         self.epoch = "1"
         self.actors: dict[str, RawActor] = {}
-        self.ready: list[asyncio.Queue[RawActor]] = [asyncio.Queue() for _ in range(PARTITIONS)]
-        self.handling = asyncio.Semaphore(config.max_handling)
+        self.stopping = False
+        self.ready: list[asyncio.Queue[RawActor | None]] = [
+            asyncio.Queue() for _ in range(PARTITIONS)
+        ]
+        self.handling = asyncio.Semaphore(min(config.max_handling, config.plain_handling))
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
         self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
@@ -394,7 +396,7 @@ class RawNode:
 
     async def read(self, number: int) -> None:
         inbox = self.layout.inbox(KIND, number)
-        while True:
+        while not self.stopping:
             response = await self.client.xreadgroup(
                 self.group,
                 self.consumer,
@@ -443,11 +445,15 @@ class RawNode:
             layout.outbox(KIND, number),
             layout.timers(KIND, number),
         ]
-        while True:
-            group = [await ready.get()]
-            while len(group) < COMMIT_ACTORS and not ready.empty():
-                group.append(ready.get_nowait())
+        while (first := await ready.get()) is not None:
+            group = [first]
             async with self.handling:
+                while len(group) < COMMIT_ACTORS and not ready.empty():
+                    actor = ready.get_nowait()
+                    if actor is None:  # stopping: left for this task's next take
+                        ready.put_nowait(None)
+                        break
+                    group.append(actor)
                 for actor in group:
                     if not actor.loaded:
                         await self.activate(actor)
@@ -495,11 +501,21 @@ class RawNode:
                     self.on_commit(dedupe_id)
 
     async def run(self) -> None:
+        """Until `stopping`: the readers finish their blocking reads, then each handler task
+        takes a None and returns, so that no command is cancelled midway (cancelling 132
+        tasks that share 64 pooled connections could leave the round waiting for good)."""
+        # As the node runs the counters' plain handlers: this many at once over all partitions.
+        handler_tasks = min(self.config.max_handling, self.config.plain_handling)
         async with asyncio.TaskGroup() as tasks:
             for number in range(PARTITIONS):
-                tasks.create_task(self.read(number))
-                for _ in range(self.config.max_handling):
+                for _ in range(handler_tasks):
                     tasks.create_task(self.handle(number))
+            async with asyncio.TaskGroup() as readers:
+                for number in range(PARTITIONS):
+                    readers.create_task(self.read(number))
+            for ready in self.ready:
+                for _ in range(handler_tasks):
+                    ready.put_nowait(None)
 
 
 def _raise_if_failed(task: "asyncio.Task[None]") -> None:
@@ -516,9 +532,8 @@ async def raw_runtime(rig: Rig, app: str, on_commit: OnCommit | None) -> AsyncIt
     try:
         yield Driver(raw.send, partial(_raise_if_failed, running))
     finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
+        raw.stopping = True
+        await running
 
 
 # Rounds.

@@ -3,7 +3,6 @@ poison messages, graceful stop. On fakeredis and on the real embedded server."""
 
 import gc
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -228,8 +227,9 @@ async def test_actors_waiting_together_are_committed_in_one_script_call(
         return result
 
     monkeypatch.setattr(Partition, "commit_many", counted)
-    # Few handler tasks: actors wait behind busy ones, which is when they are taken together.
-    running = Node(system, replace(FAST, max_handling=2))
+    # The accounts' handlers are plain functions: two handle at once (`plain_handling`), and
+    # the actors that wait behind them meanwhile are taken together.
+    running = Node(system, FAST)
     async with anyio.create_task_group() as group:
         await group.start(running.run)
 
@@ -249,6 +249,86 @@ async def test_actors_waiting_together_are_committed_in_one_script_call(
         handled = await system.client.xlen(system.keys.handled(Address("account", actor)))
         assert handled == len(expected[actor]) + refused
         assert view.version == len(expected[actor])
+
+
+@schema("test.node.wait")
+class Wait(msgspec.Struct, frozen=True):
+    pass
+
+
+class Waiter(Actor[Balance]):
+    """Its handler awaits: it holds its actor until as many actors as `expected` are inside
+    the handler at once."""
+
+    kind = "waiter"
+    initial = Balance()
+    expected = 0
+    inside = 0
+    most_inside = 0
+    all_inside: anyio.Event
+
+    @command
+    async def wait(self, state: Balance, cmd: Wait, ctx: Context) -> Deposited:
+        cls = type(self)
+        cls.inside += 1
+        cls.most_inside = max(cls.most_inside, cls.inside)
+        if cls.inside >= cls.expected:
+            cls.all_inside.set()
+        with anyio.move_on_after(10):
+            await cls.all_inside.wait()
+        cls.inside -= 1
+        return Deposited(1)
+
+    @applier
+    def deposited(self, state: Balance, event: Deposited) -> Balance:
+        return Balance(state.total + event.amount)
+
+
+async def test_async_handlers_of_different_actors_run_at_once_plain_ones_two_at_a_time(
+    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Actors of a kind with `async def` handlers handle concurrently, up to `max_handling`:
+    twelve handlers that each wait for all twelve to be inside all finish. A kind with plain
+    handlers takes its turns from `plain_handling` (2 at once, over all partitions)."""
+    monkeypatch.setattr(Waiter, "expected", 12)
+    monkeypatch.setattr(Waiter, "all_inside", anyio.Event(), raising=False)
+    handling_plain: list[float] = []
+    commit_many = Partition.commit_many
+    commit = Partition.commit
+
+    async def counted_many(self: Partition, *args: Any, **options: Any) -> GroupCommitResult:
+        if self.kind == "account":
+            handling_plain.append(running.plain_handling.borrowed_tokens)
+        return await commit_many(self, *args, **options)
+
+    async def counted(self: Partition, *args: Any, **options: Any) -> Any:
+        if self.kind == "account":
+            handling_plain.append(running.plain_handling.borrowed_tokens)
+        return await commit(self, *args, **options)
+
+    monkeypatch.setattr(Partition, "commit_many", counted_many)
+    monkeypatch.setattr(Partition, "commit", counted)
+    async with ActorSystem(Account(), Waiter(), partitions=4, client=redis) as system:
+        for index in range(12):
+            await system.send(f"waiter/w{index}", Wait())
+            await system.send(f"account/a{index}", Deposit(1))
+        running = Node(system, FAST)
+        async with anyio.create_task_group() as group:
+            await group.start(running.run)
+
+            async def all_handled() -> bool:
+                for index in range(12):
+                    for actor in (f"waiter/w{index}", f"account/a{index}"):
+                        if not await total_is(system, actor, 1):
+                            return False
+                return True
+
+            await eventually(all_handled)
+            running.stop()
+    assert Waiter.most_inside == 12
+    # Every account commit ran on a turn of the plain handlers' limiter.
+    assert handling_plain
+    assert 1 <= min(handling_plain) <= max(handling_plain) <= 2
 
 
 async def test_nodes_started_again_and_again_freeze_nothing_more(system: ActorSystem) -> None:

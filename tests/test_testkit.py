@@ -311,7 +311,7 @@ async def test_the_simulated_clock_drives_timers(simulated_system: Any) -> None:
         await simulation.settle()
         assert (await simulation.system.state_of("alarm/a")).state.fired == []  # type: ignore[union-attr]
 
-        simulation.clock.advance(60_000)
+        await simulation.pass_time(60_000)
 
         async def fired() -> bool:
             view = await simulation.system.state_of("alarm/a")  # type: ignore[union-attr]

@@ -194,6 +194,9 @@ class Actor(Generic[S]):
 
     _commands: ClassVar[dict[type, CommandHandler]]
     _appliers: ClassVar[dict[type, Applier]]
+    handlers_await: ClassVar[bool] = False
+    """Whether a command handler is an `async def`: only those can wait on I/O (an `ask`, a
+    remote call) while other actors of the kind go on."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -208,6 +211,7 @@ class Actor(Generic[S]):
                     appliers[_message_type(cls, function, 2)] = function
         cls._commands = commands
         cls._appliers = appliers
+        cls.handlers_await = any(inspect.iscoroutinefunction(f) for f in commands.values())
 
     @classmethod
     def command_types(cls) -> tuple[type, ...]:

@@ -87,6 +87,13 @@ class NodeConfig:
     max_handling: int = 32
     """Actors handling a message at the same time, over all partitions (keep it below the
     client's `max_connections`)."""
+    plain_handling: int = 2
+    """Actors of kinds whose command handlers are plain functions (not `async def`) handling
+    at the same time, over all partitions. Such handlers wait on nothing but the node's own
+    round trips: two keep the process busy (one handles while the other commits), and the
+    actors that become ready meanwhile gather into group commits (see `commit_actors`)
+    instead of each taking a round trip of its own. Kinds with `async def` handlers share
+    `max_handling`."""
     commit_batch: int = 64
     """Messages of one actor waiting in its mailbox are handled in turn and committed together,
     up to this many per script call."""
@@ -182,6 +189,9 @@ class Node:
         # Bounds the actors handling at once, across partitions, below the client's connection
         # pool: lease renewals and heartbeats must never wait behind a crowd of activations.
         self.handling = anyio.CapacityLimiter(self.config.max_handling)
+        self.plain_handling = anyio.CapacityLimiter(
+            min(self.config.max_handling, self.config.plain_handling)
+        )
         self.members: list[str] = []
         self.share = 0
 
@@ -324,6 +334,8 @@ class PartitionSession:
         self.system = node.system
         self.config = node.config
         self.actor: Actor[Any] = node.system.actors[partition.kind]
+        self.handling = node.handling if self.actor.handlers_await else node.plain_handling
+        """What this partition's handler tasks (one per token) take while they handle."""
         self.mailboxes: dict[str, _Mailbox] = {}
         """The active actors, least recently used first."""
         self._ready, self._ready_receive = anyio.create_memory_object_stream[list[_Mailbox]](
@@ -359,7 +371,7 @@ class PartitionSession:
             services.start_soon(self._passivate)
             async with anyio.create_task_group() as handlers:
                 with self._ready_receive:
-                    for _ in range(self.config.max_handling):
+                    for _ in range(round(self.handling.total_tokens)):
                         handlers.start_soon(self._handle_mailboxes, self._ready_receive.clone())
                 await self._read()
                 await self._wait_drained()
@@ -485,18 +497,19 @@ class PartitionSession:
                     return
                 finally:
                     self._idle_handlers -= 1
-                while len(group) < self.config.commit_actors:
+                async with self.handling:
+                    # The actors handed out while this task waited for its turn join it.
+                    while len(group) < self.config.commit_actors:
+                        try:
+                            group += ready.receive_nowait()
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    batches = [self._take(mailbox) for mailbox in group]
+                    done: list[bool] = []
                     try:
-                        group += ready.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                batches = [self._take(mailbox) for mailbox in group]
-                done: list[bool] = []
-                try:
-                    async with self.node.handling:
                         done = await self._process_group(group, batches)
-                finally:
-                    self._settled(sum(len(batch) for batch in batches))
+                    finally:
+                        self._settled(sum(len(batch) for batch in batches))
                 for mailbox, finished in zip(group, done, strict=True):
                     if not finished:
                         # Stopping, and a message was left pending: the ones after it wait for

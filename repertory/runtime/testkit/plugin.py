@@ -110,7 +110,7 @@ SimulationFactory = Callable[..., Simulation]
 @pytest.fixture
 def simulated_system() -> SimulationFactory:
     """Builds deterministic simulations: `async with simulated_system(actor, seed=1) as sim:`
-    then `await sim.send(...)`, `sim.clock.advance(...)`, `await sim.apply(Crash(...))`,
+    then `await sim.send(...)`, `await sim.pass_time(...)`, `await sim.apply(Crash(...))`,
     `await sim.check()`."""
 
     def make(actor: Actor[Any], model: Model | None = None, **options: Any) -> Simulation:
