@@ -3,6 +3,7 @@ poison messages, graceful stop. On fakeredis and on the real embedded server."""
 
 import gc
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -418,6 +419,38 @@ async def test_poison_messages_are_dead_lettered_and_others_keep_going(
     assert "always fails" in explode.detail
     assert explode.attempts == 5
     assert (await partition.inbox.pending()).count == 0
+
+
+async def test_actors_waiting_out_a_retry_hold_up_no_other_actor(system: ActorSystem) -> None:
+    """Plain handlers take turns, two at a time: actors whose handler failed wait out their
+    backoff without a turn, so the others go on meanwhile (same partition or not)."""
+    failing = [Address("account", f"failing-{index}") for index in range(3)]
+    for address in failing:
+        await system.send(address, Explode())
+    # Backoffs of 2 s between the 5 attempts (`Account.max_deliveries`): far longer than
+    # handling takes.
+    config = replace(FAST, retry_base_s=2.0, retry_cap_s=2.0)
+    running = Node(system, config)
+
+    async def dead_letters() -> int:
+        total = 0
+        for number in range(system.keys.partitions_of("account")):
+            total += await system.partition("account", number).dead_letters.count()
+        return total
+
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+        for index in range(8):
+            await system.send(f"account/healthy-{index}", Deposit(1))
+        for index in range(8):
+            await eventually(partial(total_is, system, f"account/healthy-{index}", 1))
+        assert await dead_letters() == 0  # the failing ones are still waiting out their backoff
+
+        async def all_dead() -> bool:
+            return await dead_letters() == len(failing)
+
+        await eventually(all_dead, timeout=20)
+        running.stop()
 
 
 async def test_unknown_message_types_are_dead_lettered(system: ActorSystem, node: Node) -> None:

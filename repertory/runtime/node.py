@@ -335,7 +335,7 @@ class PartitionSession:
         self.config = node.config
         self.actor: Actor[Any] = node.system.actors[partition.kind]
         self.handling = node.handling if self.actor.handlers_await else node.plain_handling
-        """What this partition's handler tasks (one per token) take while they handle."""
+        """The turns this partition's handler tasks take while they handle."""
         self.mailboxes: dict[str, _Mailbox] = {}
         """The active actors, least recently used first."""
         self._ready, self._ready_receive = anyio.create_memory_object_stream[list[_Mailbox]](
@@ -371,7 +371,7 @@ class PartitionSession:
             services.start_soon(self._passivate)
             async with anyio.create_task_group() as handlers:
                 with self._ready_receive:
-                    for _ in range(round(self.handling.total_tokens)):
+                    for _ in range(self.config.max_handling):
                         handlers.start_soon(self._handle_mailboxes, self._ready_receive.clone())
                 await self._read()
                 await self._wait_drained()
@@ -469,13 +469,14 @@ class PartitionSession:
 
     def _hand_out(self) -> None:
         """Queue the actors the read gave messages to for the handler tasks, shared out among
-        the idle ones: several actors per task (committed together) only when there are more
-        actors than idle tasks."""
+        those that can start at once (idle, with a free turn): several actors per task
+        (committed together) only when there are more actors than that."""
         ready = self._newly_ready
         if not ready:
             return
         self._newly_ready = []
-        size = min(self.config.commit_actors, -(-len(ready) // max(1, self._idle_handlers)))
+        free = min(self._idle_handlers, int(self.handling.available_tokens))
+        size = min(self.config.commit_actors, -(-len(ready) // max(1, free)))
         for start in range(0, len(ready), size):
             try:
                 self._ready.send_nowait(ready[start : start + size])
@@ -620,7 +621,7 @@ class PartitionSession:
                     return False
                 failures += 1
                 logger.warning("redis unavailable (%s); retrying", error)
-                await self.sleep_unless_stopping(self._backoff(failures))
+                await self._back_off(self._backoff(failures))
             except PartitionLost:
                 raise
             except Exception as error:
@@ -631,13 +632,23 @@ class PartitionSession:
                 logger.info(
                     "attempt %d of %s failed: %r", attempts, delivery.entry_id.decode(), error
                 )
-                await self.sleep_unless_stopping(self._backoff(attempts))
+                await self._back_off(self._backoff(attempts))
                 attempts += 1
                 await self.partition.inbox.set_deliveries(
                     self.node.node_id, delivery.entry_id, attempts
                 )
                 if self.stopping:
                     return False
+
+    async def _back_off(self, seconds: float) -> None:
+        """Wait before a retry without holding a turn: other actors handle meanwhile."""
+        self.handling.release()
+        try:
+            await self.sleep_unless_stopping(seconds)
+        finally:
+            # Taken back even when cancelled: the turn is given back on the way out.
+            with anyio.CancelScope(shield=True):
+                await self.handling.acquire()
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.config.retry_cap_s, self.config.retry_base_s * 2 ** (attempt - 1)))
