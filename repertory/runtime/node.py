@@ -335,7 +335,7 @@ class PartitionSession:
         self.config = node.config
         self.actor: Actor[Any] = node.system.actors[partition.kind]
         self.handling = node.handling if self.actor.handlers_await else node.plain_handling
-        """The turns this partition's handler tasks take while they handle."""
+        """What this partition's handler tasks (one per token) take while they handle."""
         self.mailboxes: dict[str, _Mailbox] = {}
         """The active actors, least recently used first."""
         self._ready, self._ready_receive = anyio.create_memory_object_stream[list[_Mailbox]](
@@ -371,7 +371,7 @@ class PartitionSession:
             services.start_soon(self._passivate)
             async with anyio.create_task_group() as handlers:
                 with self._ready_receive:
-                    for _ in range(self.config.max_handling):
+                    for _ in range(round(self.handling.total_tokens)):
                         handlers.start_soon(self._handle_mailboxes, self._ready_receive.clone())
                 await self._read()
                 await self._wait_drained()
@@ -469,14 +469,13 @@ class PartitionSession:
 
     def _hand_out(self) -> None:
         """Queue the actors the read gave messages to for the handler tasks, shared out among
-        those that can start at once (idle, with a free turn): several actors per task
-        (committed together) only when there are more actors than that."""
+        the idle ones: several actors per task (committed together) only when there are more
+        actors than idle tasks."""
         ready = self._newly_ready
         if not ready:
             return
         self._newly_ready = []
-        free = min(self._idle_handlers, int(self.handling.available_tokens))
-        size = min(self.config.commit_actors, -(-len(ready) // max(1, free)))
+        size = min(self.config.commit_actors, -(-len(ready) // max(1, self._idle_handlers)))
         for start in range(0, len(ready), size):
             try:
                 self._ready.send_nowait(ready[start : start + size])
