@@ -620,7 +620,7 @@ class PartitionSession:
                     return False
                 failures += 1
                 logger.warning("redis unavailable (%s); retrying", error)
-                await self._back_off(self._backoff(failures))
+                await self._wait_without_turn(self._backoff(failures))
             except PartitionLost:
                 raise
             except Exception as error:
@@ -631,7 +631,7 @@ class PartitionSession:
                 logger.info(
                     "attempt %d of %s failed: %r", attempts, delivery.entry_id.decode(), error
                 )
-                await self._back_off(self._backoff(attempts))
+                await self._wait_without_turn(self._backoff(attempts))
                 attempts += 1
                 await self.partition.inbox.set_deliveries(
                     self.node.node_id, delivery.entry_id, attempts
@@ -639,7 +639,7 @@ class PartitionSession:
                 if self.stopping:
                     return False
 
-    async def _back_off(self, seconds: float) -> None:
+    async def _wait_without_turn(self, seconds: float) -> None:
         """Wait before a retry without holding a turn: other actors handle meanwhile."""
         self.handling.release()
         try:
