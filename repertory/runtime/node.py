@@ -577,17 +577,10 @@ class PartitionSession:
         all its messages were committed or dead-lettered (see `_process`)."""
         if len(group) == 1:
             return [await self._process_actor(group[0], batches[0])]
-        handled_all: list[list[_Handled]] = []
-        for mailbox, batch in zip(group, batches, strict=True):
-            handled: list[_Handled] = []
-            try:
-                for delivery in batch:
-                    handled.append(await self._handle_next(mailbox, handled, delivery))
-            except PartitionLost:
-                raise
-            except Exception:
-                pass  # batch[len(handled)] and those after it take the careful path
-            handled_all.append(handled)
+        handled_all = [
+            await self._handle_until_failure(mailbox, batch)
+            for mailbox, batch in zip(group, batches, strict=True)
+        ]
         committed = await self._commit_group(group, handled_all)
         done: list[bool] = []
         for mailbox, batch, handled in zip(group, batches, handled_all, strict=True):
@@ -667,14 +660,7 @@ class PartitionSession:
         conflict (another writer) sends the whole batch the careful way. False when stopping
         left a message pending (see `_process`)."""
         while batch:
-            handled: list[_Handled] = []
-            try:
-                for delivery in batch:
-                    handled.append(await self._handle_next(mailbox, handled, delivery))
-            except PartitionLost:
-                raise
-            except Exception:
-                pass  # batch[len(handled)] takes the careful path below
+            handled = await self._handle_until_failure(mailbox, batch)
             done = 0
             if handled:
                 result = await self._commit_or_none(mailbox, handled)
@@ -695,6 +681,22 @@ class PartitionSession:
                 done += 1
             batch = batch[done:]
         return True
+
+    async def _handle_until_failure(
+        self, mailbox: _Mailbox, batch: list[_Delivery]
+    ) -> list[_Handled]:
+        """Handle `batch` in turn, each message on the view the ones before it left, up to
+        the first that fails: that one (`batch[len(handled)]`) and those after it are left
+        for the careful path."""
+        handled: list[_Handled] = []
+        try:
+            for delivery in batch:
+                handled.append(await self._handle_next(mailbox, handled, delivery))
+        except PartitionLost:
+            raise
+        except Exception:
+            pass
+        return handled
 
     async def _handle_next(
         self, mailbox: _Mailbox, handled: list[_Handled], delivery: _Delivery
