@@ -2,7 +2,7 @@
 poison messages, graceful stop. On fakeredis and on the real embedded server."""
 
 import gc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -103,6 +103,23 @@ async def node(system: ActorSystem) -> AsyncIterator[Node]:
         running.stop()
 
 
+def record_commits(
+    monkeypatch: pytest.MonkeyPatch, record: Callable[[Sequence[ActorCommits]], object]
+) -> None:
+    """Tell `record` the actors of every script call that committed (`Partition.commit_many`)."""
+    commit_many = Partition.commit_many
+
+    async def recorded(
+        self: Partition, actors: Sequence[ActorCommits], **options: Any
+    ) -> GroupCommitResult:
+        result = await commit_many(self, actors, **options)
+        if result.status is CommitStatus.COMMITTED:
+            record(actors)
+        return result
+
+    monkeypatch.setattr(Partition, "commit_many", recorded)
+
+
 async def total_is(system: ActorSystem, actor: str, total: int) -> bool:
     return bool((await system.state_of(actor)).state.total == total)
 
@@ -161,17 +178,7 @@ async def test_a_backlog_is_committed_in_batches_with_the_same_effects(
             await system.send(address, Deposit(-1))  # refused
             await system.send(address, Explode())  # retried, then dead-lettered
     batch_sizes: list[int] = []
-    commit_many = Partition.commit_many
-
-    async def counted(
-        self: Partition, actors: Sequence[ActorCommits], **options: Any
-    ) -> GroupCommitResult:
-        result = await commit_many(self, actors, **options)
-        if result.status is CommitStatus.COMMITTED:
-            batch_sizes.extend(len(actor.commits) for actor in actors)
-        return result
-
-    monkeypatch.setattr(Partition, "commit_many", counted)
+    record_commits(monkeypatch, lambda actors: batch_sizes.extend(len(a.commits) for a in actors))
     handled = system.keys.handled(address)
     running = Node(system, FAST)
     async with anyio.create_task_group() as group:
@@ -217,17 +224,7 @@ async def test_actors_waiting_together_are_committed_in_one_script_call(
                 await system.send(f"account/{actor}", Deposit(-1))  # refused
                 await system.send(f"account/{actor}", Explode())  # dead-lettered
     group_sizes: list[int] = []
-    commit_many = Partition.commit_many
-
-    async def counted(
-        self: Partition, actors: Sequence[ActorCommits], **options: Any
-    ) -> GroupCommitResult:
-        result = await commit_many(self, actors, **options)
-        if result.status is CommitStatus.COMMITTED:
-            group_sizes.append(len(actors))
-        return result
-
-    monkeypatch.setattr(Partition, "commit_many", counted)
+    record_commits(monkeypatch, lambda actors: group_sizes.append(len(actors)))
     # The accounts' handlers are plain functions: two handle at once (`plain_handling`), and
     # the actors that wait behind them meanwhile are taken together.
     running = Node(system, FAST)
