@@ -9,7 +9,7 @@ reader per partition reading batches of `read_count` into a queue per actor, a f
 handler tasks (the node's `max_handling`) taking actors with messages waiting from one ready
 queue (serial within an actor, concurrent across actors), as the node does, activation by one
 EVALSHA of the node's activation script (`activate.lua`: the snapshot, or the first events of
-an actor without one) on an actor's first message, then per message one
+an actor without one) for the actors taken together on their first message, then per message one
 msgspec decode of the envelope, one msgspec encode of the event record and one EVALSHA of the
 same commit script with the same keys and arguments (epoch check included).
 
@@ -397,6 +397,8 @@ class RawNode:
     async def read(self, number: int) -> None:
         inbox = self.layout.inbox(KIND, number)
         while not self.stopping:
+            async with self.handling:  # as the node reads: once a turn is free
+                pass
             response = await self.client.xreadgroup(
                 self.group,
                 self.consumer,
@@ -417,20 +419,22 @@ class RawNode:
                     actor.held = True
                     self.ready[number].put_nowait(actor)
 
-    async def activate(self, actor: RawActor) -> None:
-        """As the node does it: one call of the node's activation script, which returns the
-        snapshot or, as here (the counters take none), the actor's first events (a new actor
-        of these rounds has at most a few)."""
-        address = actor.address
-        snapshots = self.layout.snapshots_of(address)
-        _snapshot, entries = await self.client.evalsha(
-            ACTIVATE.sha, 2, snapshots, actor.keys[0], address.id, ACTIVATION_PAGE
+    async def activate(self, actors: list[RawActor]) -> None:
+        """As the node does it: one call of the node's activation script for the actors taken
+        together, which returns each one's snapshot or, as here (the counters take none), its
+        first events (a new actor of these rounds has at most a few)."""
+        snapshots = self.layout.snapshots_of(actors[0].address)
+        keys = [actor.keys[0] for actor in actors]
+        ids = [actor.address.id for actor in actors]
+        activations = await self.client.evalsha(
+            ACTIVATE.sha, 1 + len(keys), snapshots, *keys, ACTIVATION_PAGE, *ids
         )
-        for _entry_id, fields in entries:
-            event = self._decode_event(fields[1]).payload  # fields == [b"e", record]
-            actor.state = Count(actor.state.count + 1, actor.state.total + event.amount)
-            actor.version += 1
-        actor.loaded = True
+        for actor, (_snapshot, entries) in zip(actors, activations, strict=True):
+            for _entry_id, fields in entries:
+                event = self._decode_event(fields[1]).payload  # fields == [b"e", record]
+                actor.state = Count(actor.state.count + 1, actor.state.total + event.amount)
+                actor.version += 1
+            actor.loaded = True
 
     async def handle(self, number: int) -> None:
         """A handler task of partition `number`: takes the next actor with messages waiting,
@@ -454,9 +458,9 @@ class RawNode:
                         ready.put_nowait(None)
                         break
                     group.append(actor)
-                for actor in group:
-                    if not actor.loaded:
-                        await self.activate(actor)
+                inactive = [actor for actor in group if not actor.loaded]
+                if inactive:
+                    await self.activate(inactive)
                 now = _now_ms()
                 keys = list(partition_keys)
                 args: list[object] = [
@@ -896,8 +900,8 @@ class RawActivation:
     async def rebuild(self, address: Address) -> tuple[int, Count]:
         state, version = Count(), 0
         key = self.layout.events(address)
-        data, entries = await self.client.evalsha(
-            ACTIVATE.sha, 2, self.layout.snapshots_of(address), key, address.id, ACTIVATION_PAGE
+        ((data, entries),) = await self.client.evalsha(
+            ACTIVATE.sha, 2, self.layout.snapshots_of(address), key, ACTIVATION_PAGE, address.id
         )
         asked = ACTIVATION_PAGE
         if data is not None:

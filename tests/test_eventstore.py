@@ -288,3 +288,42 @@ async def test_loading_takes_the_last_entry_for_the_version_as_reading_does(
         [2, 5],
         [Noted("1"), Noted("2"), Noted("3"), Noted("5")],
     )
+
+
+async def test_loading_many_actors_takes_one_script_call_per_partition(
+    redis: RedisClient,
+) -> None:
+    """New actors, a short log, a snapshot with events after it, a log longer than the
+    script's page, and a corrupt snapshot, spread over partitions: each loads as `load` would,
+    the corrupt one gives its DecodeError in its place, and a partition costs one call."""
+    store = EventStore(redis, keys=KeyLayout("many", partitions=4))
+    addresses = [actor() for _ in range(12)]
+    short, with_snapshot, long, corrupt = addresses[:4]
+    await store.append(short, [Noted("a"), Noted("b")], expected_version=0)
+    await store.append(with_snapshot, [Noted(str(i)) for i in range(5)], expected_version=0)
+    await store.save_snapshot(with_snapshot, Tally(total=3), version=3)
+    notes = [Noted(str(i)) for i in range(ACTIVATION_PAGE + 8)]
+    await store.append(long, notes, expected_version=0)
+    await redis.hset(store.keys.snapshots_of(corrupt), corrupt.id, b"\x85\xa4type\xc1")
+    partitions = {store.keys.partition_of(address) for address in addresses}
+    assert len(partitions) > 1
+
+    await store.load_many(addresses)  # the script is loaded
+    with mock.patch.object(redis, "evalsha", wraps=redis.evalsha) as evalsha:
+        many = await store.load_many(addresses)
+    assert evalsha.call_count == len(partitions)
+
+    assert isinstance(many[3], DecodeError)
+    expected = {
+        short: (None, [Noted("a"), Noted("b")]),
+        with_snapshot: (3, [Noted("3"), Noted("4")]),
+        long: (None, notes),
+    }
+    for address, one in zip(addresses, many, strict=True):
+        if address == corrupt:
+            continue
+        assert not isinstance(one, DecodeError)
+        snapshot, batches = one
+        events = [event async for _, batch in batches for event in batch]
+        found = (None if snapshot is None else snapshot.version, events)
+        assert found == expected.get(address, (None, []))

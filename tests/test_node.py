@@ -16,6 +16,8 @@ from repertory.runtime.node import Node, NodeConfig
 from repertory.runtime.system import ActorSystem
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
+from repertory.streams.eventstore import EventStore
+from repertory.streams.inbox import Inbox, InboxEntry
 from repertory.streams.keys import Address
 from repertory.streams.partition import ActorCommits, CommitStatus, GroupCommitResult, Partition
 from tests.support import eventually
@@ -247,6 +249,93 @@ async def test_actors_waiting_together_are_committed_in_one_script_call(
         handled = await system.client.xlen(system.keys.handled(Address("account", actor)))
         assert handled == len(expected[actor]) + refused
         assert view.version == len(expected[actor])
+
+
+async def test_actors_taken_together_are_activated_in_one_round_trip(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog for actors with histories (events, and a snapshot for some): the actors a
+    handler task takes together are rebuilt by one activation call, each to its own state."""
+    actors = [f"back-{index}" for index in range(40)]
+    # 2 to 4 deposits each (a snapshot after 3), then one more once the node is gone.
+    histories = {actor: list(range(1, 3 + index % 3)) for index, actor in enumerate(actors)}
+    backlog = {actor: [100] for actor in actors}
+    sent = 0
+
+    async def all_handled() -> bool:
+        lengths = [
+            int(await system.client.xlen(system.keys.handled(Address("account", actor))))
+            for actor in actors
+        ]
+        return sum(lengths) == sent
+
+    loaded: list[int] = []
+    load_many = EventStore.load_many
+
+    async def recorded(store: EventStore, addresses: Sequence[Address]) -> Any:
+        loaded.append(len(addresses))
+        return await load_many(store, addresses)
+
+    for phase, deposits in enumerate((histories, backlog)):
+        for actor, amounts in deposits.items():
+            for amount in amounts:
+                await system.send(f"account/{actor}", Deposit(amount))
+                sent += 1
+        loaded.clear()
+        monkeypatch.setattr(EventStore, "load_many", recorded)
+        running = Node(system, FAST)
+        async with anyio.create_task_group() as group:
+            await group.start(running.run)
+            await eventually(all_handled)
+            running.stop()
+        monkeypatch.undo()
+        if phase:
+            assert sum(loaded) == len(actors)  # each actor once
+            assert len(loaded) < len(actors) / 2
+    for actor in actors:
+        view = await system.state_of(f"account/{actor}")
+        everything = histories[actor] + backlog[actor]
+        assert (view.version, view.state.deposits) == (len(everything), everything)
+
+
+async def test_a_partition_reads_again_once_a_turn_is_free(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While every turn is taken, what arrives stays in the inbox and comes in one read once a
+    turn is free, instead of a read per message."""
+    entered, release = anyio.Event(), anyio.Event()
+
+    async def hold_the_turn(point: str, address: Address | None) -> None:
+        if point == "before-handle" and address == Address("account", "holder"):
+            entered.set()
+            await release.wait()
+
+    reads: list[int] = []
+    read = Inbox.read
+
+    async def recorded(inbox: Inbox, consumer: str, **options: Any) -> list[InboxEntry]:
+        entries = await read(inbox, consumer, **options)
+        if entries:
+            reads.append(len(entries))
+        return entries
+
+    monkeypatch.setattr(Inbox, "read", recorded)
+    running = Node(system, replace(FAST, plain_handling=1), faults=hold_the_turn)
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+        await system.send("account/holder", Deposit(1))
+        await entered.wait()
+        reads.clear()
+        actors = [f"queued-{index}" for index in range(100)]
+        for actor in actors:
+            await system.send(f"account/{actor}", Deposit(1))
+        release.set()
+        for actor in actors:
+            await eventually(partial(total_is, system, f"account/{actor}", 1))
+        running.stop()
+    assert sum(reads) == len(actors)
+    # A reader blocked in a read when the turn was taken brings one message more.
+    assert len(reads) <= 2 * system.keys.partitions_of("account")
 
 
 @schema("test.node.wait")

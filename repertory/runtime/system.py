@@ -2,18 +2,20 @@
 (`send`, `ask`, `state_of`) that any process uses to talk to them."""
 
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
 import msgspec
+from redis.exceptions import RedisError
 
 from repertory.actors.model import Actor, Rejected
 from repertory.schemas import Codec
-from repertory.schemas.errors import RepertoryError
+from repertory.schemas.errors import DecodeError, RepertoryError
 from repertory.streams.client import RedisClient, create_client
-from repertory.streams.eventstore import EventStore
+from repertory.streams.eventstore import EventStore, Loaded
 from repertory.streams.keys import Address, KeyLayout
 from repertory.streams.partition import Partition
 
@@ -200,7 +202,31 @@ class ActorSystem:
 async def rebuild(store: EventStore, actor: Actor[Any], address: Address) -> ActorView:
     """Fold the actor's events onto its latest snapshot (or its initial state): activation,
     one round trip for a new actor or a short log (`EventStore.load`)."""
-    snapshot, event_batches = await store.load(address)
+    return await _fold(actor, await store.load(address))
+
+
+async def rebuild_many(
+    store: EventStore, actor: Actor[Any], addresses: Sequence[Address]
+) -> list[ActorView | Exception]:
+    """`rebuild` for several actors of one kind, one round trip for all those that are new or
+    have a short log (`EventStore.load_many`). An actor that cannot be rebuilt (a snapshot or
+    an event that cannot be decoded, an applier that raises) gets its error in its place."""
+    views: list[ActorView | Exception] = []
+    for loaded in await store.load_many(addresses):
+        if isinstance(loaded, DecodeError):
+            views.append(loaded)
+            continue
+        try:
+            views.append(await _fold(actor, loaded))
+        except (RedisError, OSError):
+            raise
+        except Exception as error:
+            views.append(error)
+    return views
+
+
+async def _fold(actor: Actor[Any], loaded: Loaded) -> ActorView:
+    snapshot, event_batches = loaded
     state, version = (actor.initial, 0) if snapshot is None else (snapshot.state, snapshot.version)
     async for last_version, events in event_batches:
         state = actor.fold(state, events)

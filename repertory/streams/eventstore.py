@@ -8,7 +8,7 @@ import redis.asyncio
 
 from repertory.schemas import Codec, EventRecord, SnapshotRecord
 from repertory.schemas.codec import decode_event_record
-from repertory.schemas.errors import RepertoryError
+from repertory.schemas.errors import DecodeError, RepertoryError
 from repertory.streams.client import RedisClient
 from repertory.streams.keys import Address, KeyLayout
 from repertory.streams.scripts import ACTIVATE, APPEND
@@ -267,15 +267,41 @@ class EventStore:
         longer log's, stream on a batch at a time. Raises DecodeError for a snapshot that
         cannot be decoded, and while iterating at the first event that cannot be.
         """
-        keys = [self.keys.snapshots_of(address), self.keys.events(address)]
+        (loaded,) = await self.load_many([address])
+        if isinstance(loaded, DecodeError):
+            raise loaded
+        return loaded
+
+    async def load_many(self, addresses: Sequence[Address]) -> list[Loaded | DecodeError]:
+        """`load` for several actors, one script call per partition among them: a node
+        activates the actors a read brought together in one round trip. An actor whose
+        snapshot cannot be decoded gets its DecodeError in its place; the others load."""
         count = min(self.read_batch, ACTIVATION_PAGE)
-        data, reply = await ACTIVATE(self.client, keys, [address.id, count])
+        by_partition: dict[str, list[int]] = {}
+        for index, address in enumerate(addresses):
+            by_partition.setdefault(self.keys.snapshots_of(address), []).append(index)
+        loaded: dict[int, Loaded | DecodeError] = {}
+        for snapshots, indexes in by_partition.items():
+            streams = [self.keys.events(addresses[index]) for index in indexes]
+            ids = [addresses[index].id for index in indexes]
+            replies = await ACTIVATE(self.client, [snapshots, *streams], [count, *ids])
+            for index, stream, (data, reply) in zip(indexes, streams, replies, strict=True):
+                loaded[index] = self._loaded(stream, data, reply, count)
+        return [loaded[index] for index in range(len(addresses))]
+
+    def _loaded(
+        self, stream: str, data: bytes | None, reply: list[Any], count: int
+    ) -> Loaded | DecodeError:
+        """An actor as the activation script returned it (see `load`)."""
         if data is not None:
-            snapshot = self._snapshot(data)
-            return Loaded(snapshot, self._event_batches(keys[1], None, f"{snapshot.version + 1}-0"))
+            try:
+                snapshot = self._snapshot(data)
+            except DecodeError as error:
+                return error
+            return Loaded(snapshot, self._event_batches(stream, None, f"{snapshot.version + 1}-0"))
         first = _entry_batch(reply)
         more = _after(first) if len(first.entry_ids) == count else None
-        return Loaded(None, self._event_batches(keys[1], first, more))
+        return Loaded(None, self._event_batches(stream, first, more))
 
     async def _event_batches(
         self, key: str, first: EntryBatch | None, lower: str | None
