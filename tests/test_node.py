@@ -545,6 +545,46 @@ async def test_actors_waiting_out_a_retry_give_their_turn_back(system: ActorSyst
         running.stop()
 
 
+async def test_a_partition_keeps_handling_while_its_actors_wait_out_retries(
+    system: ActorSystem,
+) -> None:
+    """More failing actors in one partition than it has handler tasks: each one waiting out a
+    backoff has a task standing in for it, so the partition's healthy actors are handled at
+    once rather than after the backoffs (30 s here, beyond the test's deadline)."""
+    kind = "account"
+
+    def in_partition_0(prefix: str, count: int) -> list[str]:
+        names = (f"{prefix}-{index}" for index in range(1000))
+        return [name for name in names if system.keys.partition_of(Address(kind, name)) == 0][
+            :count
+        ]
+
+    failing, healthy = in_partition_0("failing", 3), in_partition_0("healthy", 5)
+    attempted: set[str] = set()
+
+    async def record_attempts(point: str, address: Address | None) -> None:
+        if point == "before-handle" and address is not None and address.id in failing:
+            attempted.add(address.id)
+
+    async def all_attempted() -> bool:
+        return len(attempted) == len(failing)
+
+    config = replace(FAST, retry_base_s=30.0, retry_cap_s=30.0)
+    running = Node(system, config, faults=record_attempts)
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+        for actor in failing:
+            await system.send(f"{kind}/{actor}", Explode())
+        # Two handler tasks per partition: the third failing actor is handled by a task
+        # standing in for one of the first two, which wait out their backoffs.
+        await eventually(all_attempted)
+        for actor in healthy:
+            await system.send(f"{kind}/{actor}", Deposit(1))
+        for actor in healthy:
+            await eventually(partial(total_is, system, f"{kind}/{actor}", 1))
+        running.stop()
+
+
 async def test_unknown_message_types_are_dead_lettered(system: ActorSystem, node: Node) -> None:
     address = Address("account", "stranger")
     envelope = system.codec.envelope(str(address), Deposit(1))

@@ -1,8 +1,9 @@
 """The node: owns partitions through leases, reads their inboxes, runs actors, commits.
 
 Per owned (kind, partition) a session runs a reader (XREADGROUP) that fills a bounded mailbox
-per active actor, a fixed set of handler tasks that take actors with messages waiting (one
-task per actor at a time: serial within an actor, concurrent across actors), a timer task, an
+per active actor, a fixed set of handler tasks (and one standing in for each that waits out a
+retry's backoff) that take actors with messages waiting (one task per actor at a time: serial
+within an actor, concurrent across actors), a timer task, an
 outbox relay, a lease renewer and the passivation of idle actors. Each handled message ends in
 exactly one atomic commit script (events, handled message, outgoing messages, timers, dedupe
 id, XACK), or in the dead-letter stream after `max_deliveries` failed attempts.
@@ -21,7 +22,7 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -346,6 +347,10 @@ class PartitionSession:
         """Actors given their first waiting message by the read in progress, not yet handed
         out (see `_hand_out`)."""
         self._idle_handlers = 0
+        self._handlers: TaskGroup
+        """The handler tasks, and those standing in for ones waiting out a backoff."""
+        self._backing_off = 0
+        self._standing_in = 0
         self._drained = anyio.Event()
         self._timers_changed = anyio.Event()
         self._outbox_changed = anyio.Event()
@@ -371,10 +376,11 @@ class PartitionSession:
             services.start_soon(self._relay_outbox)
             services.start_soon(self._passivate)
             async with anyio.create_task_group() as handlers:
+                self._handlers = handlers
                 with self._ready_receive:
                     for _ in range(round(self.handling.total_tokens)):
                         handlers.start_soon(self._handle_mailboxes, self._ready_receive.clone())
-                await self._read()
+                    await self._read()
                 await self._wait_drained()
                 # Only now: on a failure or a cancellation the handler tasks are cancelled
                 # instead, and one finishing a message must still find the line open.
@@ -390,11 +396,7 @@ class PartitionSession:
         failures = 0
         while not self.stopping:
             await self._hold_lease()
-            # Read once a turn is free: under load, what arrives while every turn is taken
-            # comes in one read instead of a read each (idle, the turn is free at once).
-            async with self.handling:
-                pass
-            if self.stopping:
+            if not await self._turn_free():
                 break
             try:
                 entries = await inbox.read(
@@ -413,6 +415,14 @@ class PartitionSession:
             self._hand_out()
             if not entries and self.config.block_ms is None:
                 await self.sleep_unless_stopping(self.config.poll_s)
+
+    async def _turn_free(self) -> bool:
+        """Wait until a turn is free; False if the session began stopping meanwhile. Reading
+        then, under load, brings what arrived while every turn was taken in one read instead
+        of a read each (idle, a turn is free at once)."""
+        async with self.handling:
+            pass
+        return not self.stopping
 
     async def _resume(self) -> None:
         """Everything pending in this partition's group is ours now that we hold the lease:
@@ -491,12 +501,15 @@ class PartitionSession:
                 # the reader with it; the entries stay pending for the partition's next owner.
                 return
 
-    async def _handle_mailboxes(self, ready: MemoryObjectReceiveStream[list[_Mailbox]]) -> None:
+    async def _handle_mailboxes(
+        self, ready: MemoryObjectReceiveStream[list[_Mailbox]], *, standing_in: bool = False
+    ) -> None:
         """One of the partition's handler tasks: takes the next actors handed out (and those
         queued behind them, up to `commit_actors`), handles up to `commit_batch` messages of
-        each, and puts back in line those for which more wait."""
+        each, and puts back in line those for which more wait. One `standing_in` for a task
+        waiting out a backoff ends once fewer tasks wait than stand in."""
         with ready:
-            while True:
+            while not standing_in or self._standing_in <= self._backing_off:
                 self._idle_handlers += 1
                 try:
                     group = await ready.receive()
@@ -669,14 +682,26 @@ class PartitionSession:
                     return False
 
     async def _wait_without_turn(self, seconds: float) -> None:
-        """Wait before a retry without holding a turn: other actors handle meanwhile."""
+        """Wait before a retry without holding a turn or the partition's handler task: the
+        partition's other actors handle meanwhile, with a task standing in for this one."""
         self.handling.release()
+        self._backing_off += 1
+        if self._standing_in < self._backing_off and not self.stopping:
+            self._standing_in += 1
+            self._handlers.start_soon(self._stand_in, self._ready_receive.clone())
         try:
             await self.sleep_unless_stopping(seconds)
         finally:
+            self._backing_off -= 1
             # Taken back even when cancelled: the turn is given back on the way out.
             with anyio.CancelScope(shield=True):
                 await self.handling.acquire()
+
+    async def _stand_in(self, ready: MemoryObjectReceiveStream[list[_Mailbox]]) -> None:
+        try:
+            await self._handle_mailboxes(ready, standing_in=True)
+        finally:
+            self._standing_in -= 1
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.config.retry_cap_s, self.config.retry_base_s * 2 ** (attempt - 1)))
