@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from repertory.actors.model import Actor, Context, Rejected, applier, command
-from repertory.runtime.node import Node, NodeConfig
+from repertory.runtime.node import Node, NodeConfig, PartitionLost
 from repertory.runtime.system import ActorSystem
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
@@ -583,6 +583,41 @@ async def test_a_partition_keeps_handling_while_its_actors_wait_out_retries(
         for actor in healthy:
             await eventually(partial(total_is, system, f"{kind}/{actor}", 1))
         running.stop()
+
+
+async def test_a_handler_failing_as_its_session_ends_leaves_the_node_running(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler fails just after its partition's reader ended (the partition lost): no task
+    can stand in for it any more, and it gives its turn back all the same; the node takes
+    the partition up again and the message is handled."""
+    target = Address("account", "late")
+    entered, reader_gone = anyio.Event(), anyio.Event()
+
+    async def fail_once_the_reader_is_gone(point: str, address: Address | None) -> None:
+        if point == "before-handle" and address == target and not reader_gone.is_set():
+            entered.set()
+            with anyio.CancelScope(shield=True):
+                await reader_gone.wait()
+            raise RuntimeError("failed as the session ended")
+
+    read = Inbox.read
+
+    async def lose_the_partition(inbox: Inbox, consumer: str, **options: Any) -> Any:
+        ours = inbox.stream == system.keys.inbox_of(target)
+        if ours and entered.is_set() and not reader_gone.is_set():
+            reader_gone.set()
+            raise PartitionLost("lost while reading")
+        return await read(inbox, consumer, **options)
+
+    monkeypatch.setattr(Inbox, "read", lose_the_partition)
+    running = Node(system, FAST, faults=fail_once_the_reader_is_gone)
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+        await system.send(target, Deposit(1))
+        await eventually(partial(total_is, system, str(target), 1))
+        running.stop()
+    assert reader_gone.is_set()
 
 
 async def test_unknown_message_types_are_dead_lettered(system: ActorSystem, node: Node) -> None:

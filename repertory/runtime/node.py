@@ -662,7 +662,8 @@ class PartitionSession:
                     return False
                 failures += 1
                 logger.warning("redis unavailable (%s); retrying", error)
-                await self._wait_without_turn(self._backoff(failures))
+                # No task stands in: the partition's other actors would meet Redis down too.
+                await self._wait_without_turn(self._backoff(failures), stand_in=False)
             except PartitionLost:
                 raise
             except Exception as error:
@@ -673,7 +674,7 @@ class PartitionSession:
                 logger.info(
                     "attempt %d of %s failed: %r", attempts, delivery.entry_id.decode(), error
                 )
-                await self._wait_without_turn(self._backoff(attempts))
+                await self._wait_without_turn(self._backoff(attempts), stand_in=True)
                 attempts += 1
                 await self.partition.inbox.set_deliveries(
                     self.node.node_id, delivery.entry_id, attempts
@@ -681,21 +682,32 @@ class PartitionSession:
                 if self.stopping:
                     return False
 
-    async def _wait_without_turn(self, seconds: float) -> None:
-        """Wait before a retry without holding a turn or the partition's handler task: the
-        partition's other actors handle meanwhile, with a task standing in for this one."""
+    async def _wait_without_turn(self, seconds: float, *, stand_in: bool) -> None:
+        """Wait before a retry without holding a turn: other actors handle meanwhile. With
+        `stand_in`, without holding up the partition's handler task either: another task
+        stands in for this one while it waits."""
         self.handling.release()
-        self._backing_off += 1
-        if self._standing_in < self._backing_off and not self.stopping:
-            self._standing_in += 1
-            self._handlers.start_soon(self._stand_in, self._ready_receive.clone())
         try:
+            if stand_in:
+                self._backing_off += 1
+                self._stand_in_if_needed()
             await self.sleep_unless_stopping(seconds)
         finally:
-            self._backing_off -= 1
+            if stand_in:
+                self._backing_off -= 1
             # Taken back even when cancelled: the turn is given back on the way out.
             with anyio.CancelScope(shield=True):
                 await self.handling.acquire()
+
+    def _stand_in_if_needed(self) -> None:
+        if self._standing_in >= self._backing_off or self.stopping:
+            return
+        try:
+            ready = self._ready_receive.clone()
+        except anyio.ClosedResourceError:
+            return  # the reader is gone (it failed): the session is ending
+        self._standing_in += 1
+        self._handlers.start_soon(self._stand_in, ready)
 
     async def _stand_in(self, ready: MemoryObjectReceiveStream[list[_Mailbox]]) -> None:
         try:
