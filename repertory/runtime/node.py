@@ -3,10 +3,10 @@
 Per owned (kind, partition) a session runs a reader (XREADGROUP) that fills a bounded mailbox
 per active actor, a fixed set of handler tasks (and one standing in for each that waits out a
 retry's backoff) that take actors with messages waiting (one task per actor at a time: serial
-within an actor, concurrent across actors), a timer task, an
-outbox relay, a lease renewer and the passivation of idle actors. Each handled message ends in
-exactly one atomic commit script (events, handled message, outgoing messages, timers, dedupe
-id, XACK), or in the dead-letter stream after `max_deliveries` failed attempts.
+within an actor, concurrent across actors), a timer task, an outbox relay, a lease renewer and
+the passivation of idle actors. Each handled message ends in exactly one atomic commit script
+(events, handled message, outgoing messages, timers, dedupe id, XACK), or in the dead-letter
+stream after `max_deliveries` failed attempts.
 """
 
 import collections
