@@ -5,13 +5,14 @@ message goes send (XADD) -> read (XREADGROUP) -> handled -> committed (one EVALS
 `commit.lua`: event, handled message, dedupe id, XACK) in both the node and its raw baseline.
 
 The raw baseline (`RawNode`) is the node's Redis work written by hand with no framework: one
-reader per partition reading batches of `read_count` into a queue per actor, a fixed set of
-handler tasks (the node's `max_handling`) taking actors with messages waiting from one ready
-queue (serial within an actor, concurrent across actors), as the node does, activation by one
-EVALSHA of the node's activation script (`activate.lua`: the snapshot, or the first events of
-an actor without one) for the actors taken together on their first message, then per message one
-msgspec decode of the envelope, one msgspec encode of the event record and one EVALSHA of the
-same commit script with the same keys and arguments (epoch check included).
+reader per partition reading batches of `read_count` (once a turn is free) into a queue per
+actor, a fixed set of handler tasks (the node's `max_handling`) taking actors with messages
+waiting from one ready queue (serial within an actor, concurrent across actors), as the node
+does, activation by one EVALSHA of the node's activation script (`activate.lua`: the snapshot,
+or the first events of an actor without one) for the actors taken together on their first
+message, then per message one msgspec decode of the envelope, one msgspec encode of the event
+record and one EVALSHA of the same commit script with the same keys and arguments (epoch
+check included).
 
 Each round of a node or raw variant works in an application namespace of its own (fresh keys,
 fresh consumer groups), starts its runtime before the clock and stops it after, and empties
