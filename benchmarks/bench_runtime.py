@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -182,11 +182,22 @@ class Driver:
     stopped it, so that a round fails at once instead of waiting out its deadline."""
 
     send: Send
+    started: float
+    """`time.perf_counter()` just before the runtime began to read."""
     check: Callable[[], None] = _alive
 
 
-Runtime = Callable[[str, OnCommit | None], AbstractAsyncContextManager[Driver]]
-"""Runs a node (or its raw equivalent) on an application namespace until the context exits."""
+Backlog = Callable[[Send], Awaitable[None]]
+"""Sends what a runtime finds waiting when it starts (off the clock)."""
+
+
+class Runtime(Protocol):
+    """Runs a node (or its raw equivalent) on an application namespace until the context
+    exits, once `backlog`, if any, is sent."""
+
+    def __call__(
+        self, app: str, on_commit: OnCommit | None, backlog: Backlog | None = None
+    ) -> AbstractAsyncContextManager[Driver]: ...
 
 
 async def _until(
@@ -294,7 +305,7 @@ class ObservedSystem(ActorSystem):
 
 @asynccontextmanager
 async def repertory_runtime(
-    rig: Rig, app: str, on_commit: OnCommit | None
+    rig: Rig, app: str, on_commit: OnCommit | None, backlog: Backlog | None = None
 ) -> AsyncIterator[Driver]:
     """A real `Node` with default settings serving a `Counter` system; sends go through
     `ActorSystem.send`."""
@@ -308,7 +319,10 @@ async def repertory_runtime(
     async def send(address: Address, amount: int, key: str | None) -> None:
         await system.send(address, Add(amount), idempotency_key=key)
 
+    if backlog is not None:
+        await backlog(send)
     async with anyio.create_task_group() as group:
+        started = time.perf_counter()
         await group.start(node.run)
 
         async def serving() -> bool:
@@ -316,7 +330,7 @@ async def repertory_runtime(
 
         await _until(serving, timeout=30, what="the node holding every partition")
         try:
-            yield Driver(send)
+            yield Driver(send, started)
         finally:
             node.stop()
             await node.stopped.wait()
@@ -529,13 +543,18 @@ def _raise_if_failed(task: "asyncio.Task[None]") -> None:
 
 
 @asynccontextmanager
-async def raw_runtime(rig: Rig, app: str, on_commit: OnCommit | None) -> AsyncIterator[Driver]:
+async def raw_runtime(
+    rig: Rig, app: str, on_commit: OnCommit | None, backlog: Backlog | None = None
+) -> AsyncIterator[Driver]:
     layout = KeyLayout(app, partitions=PARTITIONS)
     raw = RawNode(rig.admin, layout, rig.commit_sha, on_commit, rig.node_config)
     await raw.prepare()
+    if backlog is not None:
+        await backlog(raw.send)
+    started = time.perf_counter()
     running = asyncio.create_task(raw.run())
     try:
-        yield Driver(raw.send, partial(_raise_if_failed, running))
+        yield Driver(raw.send, started, partial(_raise_if_failed, running))
     finally:
         raw.stopping = True
         await running
@@ -548,6 +567,18 @@ def _addresses(actors: int) -> list[Address]:
     return [Address(KIND, f"c{index}") for index in range(actors)]
 
 
+async def _send_round_robin(send: Send, addresses: Sequence[Address], messages: int) -> None:
+    """`messages` sent round-robin to `addresses` by `SENDERS` concurrent senders."""
+
+    async def sender(first: int) -> None:
+        for index in range(first, messages, SENDERS):
+            await send(addresses[index % len(addresses)], 1, None)
+
+    async with anyio.create_task_group() as group:
+        for first in range(SENDERS):
+            group.start_soon(sender, first)
+
+
 async def throughput_round(
     rig: Rig, runtime: Runtime, app: str, actors: int, messages: int
 ) -> Sample:
@@ -557,18 +588,27 @@ async def throughput_round(
     addresses = _addresses(actors)
     clock = time.perf_counter
     async with runtime(app, None) as driver:
-        send = driver.send
-
-        async def sender(first: int) -> None:
-            for index in range(first, messages, SENDERS):
-                await send(addresses[index % actors], 1, None)
-
         start = clock()
-        async with anyio.create_task_group() as group:
-            for first in range(SENDERS):
-                group.start_soon(sender, first)
+        await _send_round_robin(driver.send, addresses, messages)
         await rig.wait_committed(layout, messages, driver)
         seconds = clock() - start
+    await rig.check_round(layout, addresses, messages)
+    await rig.admin.flushall()
+    return Sample(messages, seconds)
+
+
+async def drain_round(rig: Rig, runtime: Runtime, app: str, actors: int, messages: int) -> Sample:
+    """`messages` sent round-robin to `actors` actors before the runtime starts (off the
+    clock); the clock runs from the runtime's start until the last one is committed."""
+    layout = KeyLayout(app, partitions=PARTITIONS)
+    addresses = _addresses(actors)
+
+    async def backlog(send: Send) -> None:
+        await _send_round_robin(send, addresses, messages)
+
+    async with runtime(app, None, backlog) as driver:
+        await rig.wait_committed(layout, messages, driver)
+        seconds = time.perf_counter() - driver.started
     await rig.check_round(layout, addresses, messages)
     await rig.admin.flushall()
     return Sample(messages, seconds)
@@ -623,13 +663,7 @@ async def latency_round(
 
 
 def _runtimes(rig: Rig) -> tuple[Runtime, Runtime]:
-    def node(app: str, on_commit: OnCommit | None) -> AbstractAsyncContextManager[Driver]:
-        return repertory_runtime(rig, app, on_commit)
-
-    def raw(app: str, on_commit: OnCommit | None) -> AbstractAsyncContextManager[Driver]:
-        return raw_runtime(rig, app, on_commit)
-
-    return node, raw
+    return partial(repertory_runtime, rig), partial(raw_runtime, rig)
 
 
 def _throughput(rig: Rig, actors: int, messages: int, tag: str) -> Benchmark:
@@ -714,7 +748,9 @@ class DramatiqRig:
         self.url = env.url
         self.tally = Tally()
 
-    async def round(self, messages: int) -> Sample:
+    async def round(self, messages: int, *, backlog: bool = False) -> Sample:
+        """`messages` no-op tasks enqueued by `QUEUE_SENDER_THREADS` threads while a worker
+        takes them, or with `backlog` all of them before the worker starts (off the clock)."""
         import dramatiq
         from dramatiq.brokers.redis import RedisBroker
 
@@ -728,17 +764,20 @@ class DramatiqRig:
 
         send = dramatiq.actor(actor_name="bench_noop", broker=broker, max_retries=0)(noop).send
         tally.reset()
-        worker = dramatiq.Worker(broker, worker_threads=QUEUE_WORKER_THREADS)
-        worker.start()
 
         def enqueue(first: int) -> None:
             for _ in range(first, messages, QUEUE_SENDER_THREADS):
                 send()
 
-        clock = time.perf_counter
-        try:
-            start = clock()
+        if backlog:
             await _threads(QUEUE_SENDER_THREADS, enqueue)
+        clock = time.perf_counter
+        start = clock()
+        worker = dramatiq.Worker(broker, worker_threads=QUEUE_WORKER_THREADS)
+        worker.start()
+        try:
+            if not backlog:
+                await _threads(QUEUE_SENDER_THREADS, enqueue)
             await _drained(tally, messages)
             seconds = clock() - start
         finally:
@@ -778,12 +817,21 @@ class CeleryRig:
 
         self.task = self.app.task(name="bench_noop", ignore_result=True)(noop)
 
-    async def round(self, messages: int) -> Sample:
+    async def round(self, messages: int, *, backlog: bool = False) -> Sample:
+        """As `DramatiqRig.round`; with `backlog` the clock includes the worker's start."""
         from celery.contrib.testing.worker import start_worker
 
         self.tally.reset()
         send = self.task.delay
+
+        def enqueue(first: int) -> None:
+            for _ in range(first, messages, QUEUE_SENDER_THREADS):
+                send()
+
+        if backlog:
+            await _threads(QUEUE_SENDER_THREADS, enqueue)
         clock = time.perf_counter
+        start = clock()
         starter = start_worker(
             self.app,
             concurrency=QUEUE_WORKER_THREADS,
@@ -793,13 +841,9 @@ class CeleryRig:
         )
         await anyio.to_thread.run_sync(starter.__enter__)
         try:
-
-            def enqueue(first: int) -> None:
-                for _ in range(first, messages, QUEUE_SENDER_THREADS):
-                    send()
-
-            start = clock()
-            await _threads(QUEUE_SENDER_THREADS, enqueue)
+            if not backlog:
+                start = clock()
+                await _threads(QUEUE_SENDER_THREADS, enqueue)
             await _drained(self.tally, messages)
             seconds = clock() - start
         finally:
@@ -811,10 +855,13 @@ class CeleryRig:
         self.app.close()
 
 
-async def task_queue_round(rig: Rig, round_index: int, messages: int) -> Sample:
+async def task_queue_round(
+    rig: Rig, round_index: int, messages: int, *, backlog: bool = False
+) -> Sample:
     """repertory's own task queue (R5): no-op tasks enqueued by QUEUE_SENDER_THREADS
     concurrent senders, taken by QUEUE_WORKER_THREADS workers of this process, each task
-    settled with a result; the clock runs from the first enqueue until the last result."""
+    settled with a result; the clock runs from the first enqueue until the last result, or
+    with `backlog` from the workers' start, every task enqueued before it."""
     queue = TaskQueue(rig.client, f"bench-{round_index}-{uuid.uuid4().hex[:6]}")
     await queue.ensure()
 
@@ -828,14 +875,20 @@ async def task_queue_round(rig: Rig, round_index: int, messages: int) -> Sample:
     async def all_settled() -> bool:
         return int(await rig.client.xlen(queue.results_key)) >= messages
 
+    async def enqueue_all() -> None:
+        async with anyio.create_task_group() as senders:
+            for first in range(QUEUE_SENDER_THREADS):
+                senders.start_soon(enqueue, first)
+
+    if backlog:
+        await enqueue_all()
     start = time.perf_counter()
     async with anyio.create_task_group() as group:
         for index in range(QUEUE_WORKER_THREADS):
             worker = Worker(queue, noop, WorkerConfig(worker_id=f"w{index}", block_ms=50))
             group.start_soon(worker.run)
-        async with anyio.create_task_group() as senders:
-            for first in range(QUEUE_SENDER_THREADS):
-                senders.start_soon(enqueue, first)
+        if not backlog:
+            await enqueue_all()
         await _until(all_settled, timeout=60 + messages / 100, what=f"{messages:,} tasks")
         seconds = time.perf_counter() - start
         group.cancel_scope.cancel()
@@ -850,35 +903,52 @@ def task_queues_installed() -> bool:
 
 
 def _task_queues(
-    rig: Rig, dramatiq_rig: DramatiqRig, celery_rig: CeleryRig, messages: int, actors: int
+    rig: Rig,
+    dramatiq_rig: DramatiqRig,
+    celery_rig: CeleryRig,
+    messages: int,
+    actors: int,
+    *,
+    backlog: bool,
 ) -> Benchmark:
-    node, _raw = _runtimes(rig)
+    """Sent while handled (`backlog` False), or sent beforehand and drained: the figure the
+    peers are quoted by (ARCHITECTURE.md, section 5)."""
+    node, raw = _runtimes(rig)
+    tag = "d" if backlog else "q"
+    ways = drain_round if backlog else throughput_round
 
     async def repertory_round(round_index: int) -> Sample:
-        return await throughput_round(rig, node, f"qn{round_index}", actors, messages)
+        return await ways(rig, node, f"{tag}n{round_index}", actors, messages)
+
+    async def raw_round(round_index: int) -> Sample:
+        return await ways(rig, raw, f"{tag}r{round_index}", actors, messages)
 
     async def dramatiq_round(round_index: int) -> Sample:
-        return await dramatiq_rig.round(messages)
+        return await dramatiq_rig.round(messages, backlog=backlog)
 
     async def celery_round(round_index: int) -> Sample:
-        return await celery_rig.round(messages)
+        return await celery_rig.round(messages, backlog=backlog)
 
     async def queue_round(round_index: int) -> Sample:
-        return await task_queue_round(rig, round_index, messages)
+        return await task_queue_round(rig, round_index, messages, backlog=backlog)
 
+    variants = [
+        Variant("Dramatiq no-op", dramatiq_round, baseline=True),
+        Variant(f"repertory node, {actors:,} actors", repertory_round, target=QUEUE_TARGET),
+        Variant("Celery no-op", celery_round),
+        Variant("repertory task queue no-op", queue_round),
+    ]
+    if backlog:
+        variants.append(Variant(f"raw redis-py, {actors:,} actors", raw_round))
+    work = "a backlog of" if backlog else ""
     return Benchmark(
-        name="end to end vs task queues",
+        name=f"{'backlog drained' if backlog else 'end to end'} vs task queues",
         description=(
-            f"{messages:,} messages: repertory to {actors:,} counter actors, each committed "
-            "with its event; Dramatiq and Celery no-op tasks on their Redis brokers"
-        ),
+            f"{work} {messages:,} messages: repertory to {actors:,} counter actors, each "
+            "committed with its event; Dramatiq and Celery no-op tasks on their Redis brokers"
+        ).strip(),
         unit="msgs",
-        variants=[
-            Variant("Dramatiq no-op", dramatiq_round, baseline=True),
-            Variant(f"repertory node, {actors:,} actors", repertory_round, target=QUEUE_TARGET),
-            Variant("Celery no-op", celery_round),
-            Variant("repertory task queue no-op", queue_round),
-        ],
+        variants=variants,
     )
 
 
@@ -1053,8 +1123,12 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
         if task_queues_installed():
             dramatiq_rig, celery_rig = DramatiqRig(env), CeleryRig(env)
             rigs += (dramatiq_rig, celery_rig)
-            messages = env.size(5_000, 200)
-            queues.append(_task_queues(rig, dramatiq_rig, celery_rig, messages, env.size(1000, 50)))
+            for messages, backlog in ((env.size(5_000, 200), False), (env.size(20_000, 200), True)):
+                queues.append(
+                    _task_queues(
+                        rig, dramatiq_rig, celery_rig, messages, env.size(1000, 50), backlog=backlog
+                    )
+                )
         # The raw baseline calls its commit and activation scripts by their SHA1 only.
         await admin.script_load(COMMIT.source)
         await admin.script_load(ACTIVATE.source)
