@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio
 import redis.asyncio.cluster
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, DataError
 
 from repertory.schemas.errors import RepertoryError
 from repertory.streams.client import (
@@ -59,10 +59,32 @@ def test_standalone_url_forms(
     url: str, connection_class: type[Connection], expected: dict[str, Any]
 ) -> None:
     client = standalone(create_client(url))
-    assert client.connection_pool.connection_class is connection_class
+    assert issubclass(client.connection_pool.connection_class, connection_class)
     options = pool_options(client)
     assert options.items() >= expected.items()
     assert options["decode_responses"] is False
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SET", "key", b"value"),
+        ("EVALSHA", "a" * 40, 2, "k1", "é", 1.5, -3, 2**70, b"", memoryview(b"view")),
+        ("CLIENT SETNAME", "name"),
+        ("SET", "key", bytearray(b"value")),
+    ],
+)
+def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
+    pool = standalone(create_client("redis://cache.local")).connection_pool
+    packed = pool.make_connection().pack_command(*args)
+    assert b"".join(packed) == b"".join(Connection(host="cache.local").pack_command(*args))
+
+
+@pytest.mark.parametrize("argument", [None, True, object()])
+def test_arguments_redis_py_rejects_are_rejected(argument: object) -> None:
+    connection = standalone(create_client("redis://cache.local")).connection_pool.make_connection()
+    with pytest.raises(DataError):
+        connection.pack_command("SET", "key", argument)
 
 
 @pytest.mark.parametrize(

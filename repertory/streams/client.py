@@ -16,9 +16,16 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio
 import redis.asyncio.cluster
-from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff
 from redis.exceptions import AuthenticationError, RedisError
@@ -231,6 +238,29 @@ def _retry(config: ClientConfig) -> Retry:
     )
 
 
+class _HiredisPacking(AbstractConnection):  # type: ignore[misc]  # redis is untyped to mypy
+    """Packs commands with hiredis, as redis-py's synchronous client does. Its asyncio client
+    packs in Python, at about 0.6 µs an argument: a group commit of 32 messages has ~400 of
+    them, and packing was an eighth of a node's CPU. Arguments hiredis does not take (None,
+    bool, bytearray) and multi-word command names go the Python way, which accepts or rejects
+    them as redis-py always has."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " not in args[0]:
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        packed: list[bytes] = super().pack_command(*args)
+        return packed
+
+
+_HIREDIS_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    kind: type(f"Hiredis{kind.__name__}", (_HiredisPacking, kind), {})
+    for kind in (Connection, SSLConnection, UnixDomainSocketConnection)
+}
+
+
 def create_client(config: ClientConfig | str) -> RedisClient:
     """A client for `config`, or for a URL with the default settings. Nothing is connected
     until the first command. Raises ClientConfigError for a URL or setting that cannot work."""
@@ -275,4 +305,5 @@ def create_client(config: ClientConfig | str) -> RedisClient:
         )
     except (ValueError, RedisError) as error:
         raise ClientConfigError(f"cannot use {config.url!r}: {error}") from error
+    pool.connection_class = _HIREDIS_PACKING[pool.connection_class]
     return redis.asyncio.Redis.from_pool(pool)
