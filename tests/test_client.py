@@ -53,6 +53,11 @@ def pool_options(client: RedisClient) -> dict[str, Any]:
         ),
         ("redis://cache.local?cluster=false", Connection, {"host": "cache.local"}),
         ("redis://cache.local?socket_timeout=3", Connection, {"socket_timeout": 3.0}),
+        (
+            "unix:///run/valkey/valkey.sock?socket_timeout=3",
+            UnixDomainSocketConnection,
+            {"path": "/run/valkey/valkey.sock", "socket_timeout": 3.0},
+        ),
     ],
 )
 def test_standalone_url_forms(

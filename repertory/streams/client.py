@@ -14,7 +14,7 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import hiredis
 import redis.asyncio
@@ -176,8 +176,11 @@ def _parse_url(url: str) -> _ParsedUrl:
         raise ClientConfigError(f"{url!r}: a Cluster has only database 0")
     if port == 0:
         raise ClientConfigError(f"{url!r}: port 0 cannot be connected to")
+    # Spelled out rather than urlunsplit, which writes unix:/path for an empty host; redis-py
+    # 8.2 takes only unix:///path.
+    options = f"?{urlencode(query)}" if query else ""
     return _ParsedUrl(
-        url=urlunsplit((base_scheme, host, parts.path, urlencode(query), "")),
+        url=f"{base_scheme}://{host}{parts.path}{options}",
         scheme=base_scheme,
         cluster=cluster,
         username=unquote(parts.username) if parts.username else None,
