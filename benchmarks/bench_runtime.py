@@ -12,10 +12,17 @@ does, activation by one EVALSHA of the node's activation script (`activate.lua`:
 or the first events of an actor without one) for the actors taken together on their first
 message, then per message one msgspec decode of the envelope, one msgspec encode of the event
 record and one EVALSHA of the same commit script with the same keys and arguments (epoch
-check included).
+check included). Its client is plain redis-py, which packs commands in Python; repertory's
+client packs them with hiredis (`repertory.streams.client`).
+
+The task queues are compared twice: end to end (sent while handled, the senders in this
+process) and as a backlog drained (every message sent before the runtime or the worker starts;
+the clock runs from that start to the last message handled), the way ARCHITECTURE.md quotes
+the peers.
 
 Each round of a node or raw variant works in an application namespace of its own (fresh keys,
-fresh consumer groups), starts its runtime before the clock and stops it after, and empties
+fresh consumer groups), starts its runtime before the clock (the drained rows: with it) and
+stops it after, and empties
 the database once its checks are done, so that 100,000-actor rounds do not pile up in memory.
 """
 
@@ -815,7 +822,7 @@ class CeleryRig:
         def noop() -> None:
             tally.add()
 
-        self.task = self.app.task(name="bench_noop", ignore_result=True)(noop)
+        self.task = self.app.task(name="bench_noop", ignore_result=True, shared=False)(noop)
 
     async def round(self, messages: int, *, backlog: bool = False) -> Sample:
         """As `DramatiqRig.round`; with `backlog` the clock includes the worker's start."""
