@@ -15,6 +15,10 @@ record and one EVALSHA of the same commit script with the same keys and argument
 check included). Its client is plain redis-py, which packs commands in Python; repertory's
 client packs them with hiredis (`repertory.streams.client`).
 
+With 100,000 actors every message activates an actor; the row "activated beforehand" has each
+actor handle one message off the clock first, which tells the cost of activating an actor from
+the cost of having many.
+
 The task queues are compared twice: end to end (sent while handled, the senders in this
 process) and as a backlog drained (every message sent before the runtime or the worker starts;
 the clock runs from that start to the last message handled), the way ARCHITECTURE.md quotes
@@ -587,19 +591,24 @@ async def _send_round_robin(send: Send, addresses: Sequence[Address], messages: 
 
 
 async def throughput_round(
-    rig: Rig, runtime: Runtime, app: str, actors: int, messages: int
+    rig: Rig, runtime: Runtime, app: str, actors: int, messages: int, *, activated: bool = False
 ) -> Sample:
     """`messages` sent round-robin to `actors` actors by `SENDERS` concurrent senders while the
-    runtime handles them; the clock stops when the last one is committed."""
+    runtime handles them; the clock stops when the last one is committed. With `activated`,
+    every actor first handles one message off the clock, so none is activated on it."""
     layout = KeyLayout(app, partitions=PARTITIONS)
     addresses = _addresses(actors)
+    warm_up = actors if activated else 0
     clock = time.perf_counter
     async with runtime(app, None) as driver:
+        if warm_up:
+            await _send_round_robin(driver.send, addresses, warm_up)
+            await rig.wait_committed(layout, warm_up, driver)
         start = clock()
         await _send_round_robin(driver.send, addresses, messages)
-        await rig.wait_committed(layout, messages, driver)
+        await rig.wait_committed(layout, warm_up + messages, driver)
         seconds = clock() - start
-    await rig.check_round(layout, addresses, messages)
+    await rig.check_round(layout, addresses, warm_up + messages)
     await rig.admin.flushall()
     return Sample(messages, seconds)
 
@@ -673,20 +682,26 @@ def _runtimes(rig: Rig) -> tuple[Runtime, Runtime]:
     return partial(repertory_runtime, rig), partial(raw_runtime, rig)
 
 
-def _throughput(rig: Rig, actors: int, messages: int, tag: str) -> Benchmark:
+def _throughput(
+    rig: Rig, actors: int, messages: int, tag: str, *, activated: bool = False
+) -> Benchmark:
     node, raw = _runtimes(rig)
 
     async def repertory_round(round_index: int) -> Sample:
-        return await throughput_round(rig, node, f"t{tag}n{round_index}", actors, messages)
+        app = f"t{tag}n{round_index}"
+        return await throughput_round(rig, node, app, actors, messages, activated=activated)
 
     async def raw_round(round_index: int) -> Sample:
-        return await throughput_round(rig, raw, f"t{tag}r{round_index}", actors, messages)
+        app = f"t{tag}r{round_index}"
+        return await throughput_round(rig, raw, app, actors, messages, activated=activated)
 
     return Benchmark(
-        name=f"end to end, {actors:,} actor{'s' if actors > 1 else ''}",
+        name=f"end to end, {actors:,} actor{'s' if actors > 1 else ''}"
+        + (", activated beforehand" if activated else ""),
         description=(
             f"{messages:,} messages sent by {SENDERS} concurrent senders to {actors:,} counter "
             "actors, each handled and committed with its event; until the last commit"
+            + ("; every actor handled one message before the clock" if activated else "")
         ),
         unit="msgs",
         variants=[
@@ -1146,6 +1161,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             _throughput(rig, 1, env.size(10_000, 200), "1"),
             _throughput(rig, few, env.size(10_000, 200), "k"),
             _throughput(rig, many, many, "m"),
+            _throughput(rig, many, many, "w", activated=True),
             *queues,
             *[_latency(rig, rate, round(rate * latency_s), few) for rate in LATENCY_LOADS],
             _activation(rig, env.size(100_000, 2_500), snapshot=False),

@@ -229,10 +229,12 @@ async def test_a_quick_runtime_run_gives_results_for_every_variant() -> None:
         (benchmark.name, variant.name) for benchmark in seen for variant in benchmark.variants
     }
     names = [benchmark.name for benchmark in seen]
-    # Throughput at three actor counts, two offered loads, three activations, and the task
-    # queues (sent while handled, and a backlog drained) when the bench extra is installed.
+    # Throughput at three actor counts and with the most actors activated beforehand, two
+    # offered loads, three activations, and the task queues (sent while handled, and a backlog
+    # drained) when the bench extra is installed.
     queues = task_queues_installed()
-    assert len(seen) == 8 + 2 * queues, names
+    assert len(seen) == 9 + 2 * queues, names
+    assert sum("activated beforehand" in name for name in names) == 1
     assert sum("task queues" in name for name in names) == 2 * queues
     assert {(result.benchmark, result.variant) for result in report.results} == expected
     for result in report.results:
