@@ -13,7 +13,7 @@ import pytest
 
 from repertory.actors.model import Actor, Context, Rejected, applier, command
 from repertory.runtime.node import Node, NodeConfig, PartitionLost
-from repertory.runtime.system import ActorSystem
+from repertory.runtime.system import ActorSystem, rebuild
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
 from repertory.streams.eventstore import EventStore
@@ -416,6 +416,57 @@ async def test_async_handlers_of_different_actors_run_at_once_plain_ones_two_at_
     # Every account commit ran on a turn of the plain handlers' limiter.
     assert handling_plain
     assert 1 <= min(handling_plain) <= max(handling_plain) <= 2
+
+
+class BriefAccount(Account):
+    idle_after_s = 0.4
+
+
+async def test_idle_actors_keep_their_views_out_of_the_collector_until_forgotten(
+    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An actor with no message waiting is kept as its view alone, which full collections do
+    not walk (a node keeps hundreds of thousands); its next message is handled from that view
+    without a rebuild; once idle for `idle_after_s`, it is forgotten."""
+    actors = [f"account/idle-{index}" for index in range(3)]
+    async with ActorSystem(BriefAccount(), partitions=1, client=redis) as system:
+        running = Node(system, FAST)
+        async with anyio.create_task_group() as group:
+            await group.start(running.run)
+
+            async def serving() -> bool:
+                return ("account", 0) in running.sessions
+
+            await eventually(serving)
+            session = running.sessions[("account", 0)]
+            for actor in actors:
+                await system.send(actor, Deposit(5))
+
+            async def all_idle() -> bool:
+                return not session.mailboxes and set(session.idle) == set(actors)
+
+            await eventually(all_idle)
+            assert not any(gc.is_tracked(idle) for idle in session.idle.values())
+
+            rebuilt: list[Address] = []
+
+            async def recorded(store: EventStore, actor: Any, address: Address) -> Any:
+                rebuilt.append(address)
+                return await rebuild(store, actor, address)
+
+            monkeypatch.setattr("repertory.runtime.node.rebuild", recorded)
+            await system.send(actors[0], Deposit(7))
+            await eventually(partial(total_is, system, actors[0], 12))
+            assert rebuilt == []
+
+            async def all_forgotten() -> bool:
+                return not session.idle and not session.mailboxes
+
+            await eventually(all_forgotten)
+            await system.send(actors[1], Deposit(1))
+            await eventually(partial(total_is, system, actors[1], 6))
+            assert rebuilt == [Address.parse(actors[1])]
+            running.stop()
 
 
 async def test_nodes_started_again_and_again_freeze_nothing_more(system: ActorSystem) -> None:
