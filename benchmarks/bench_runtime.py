@@ -26,8 +26,8 @@ the peers.
 
 Each round of a node or raw variant works in an application namespace of its own (fresh keys,
 fresh consumer groups), starts its runtime before the clock (the drained rows: with it) and
-stops it after, and empties
-the database once its checks are done, so that 100,000-actor rounds do not pile up in memory.
+stops it after, and empties the database once its checks are done, so that 100,000-actor rounds
+do not pile up in memory.
 """
 
 import argparse
