@@ -14,6 +14,7 @@ import pytest
 from repertory.actors.model import Actor, Context, Rejected, applier, command
 from repertory.runtime.node import Node, NodeConfig, PartitionLost
 from repertory.runtime.system import ActorSystem, rebuild
+from repertory.runtime.testkit import SimulatedClock
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
 from repertory.streams.eventstore import EventStore
@@ -427,10 +428,12 @@ async def test_idle_actors_keep_their_views_out_of_the_collector_until_forgotten
 ) -> None:
     """An actor with no message waiting is kept as its view alone, which full collections do
     not walk (a node keeps hundreds of thousands); its next message is handled from that view
-    without a rebuild; once idle for `idle_after_s`, it is forgotten."""
+    without a rebuild; once idle for `idle_after_s`, it is forgotten. Simulated time: nothing
+    is forgotten before the test moves the clock on."""
     actors = [f"account/idle-{index}" for index in range(3)]
+    clock = SimulatedClock()
     async with ActorSystem(BriefAccount(), partitions=1, client=redis) as system:
-        running = Node(system, FAST)
+        running = Node(system, FAST, clock=clock)
         async with anyio.create_task_group() as group:
             await group.start(running.run)
 
@@ -460,6 +463,7 @@ async def test_idle_actors_keep_their_views_out_of_the_collector_until_forgotten
             assert rebuilt == []
 
             async def all_forgotten() -> bool:
+                clock.advance(100)  # the sweep runs every idle_after_s / 4
                 return not session.idle and not session.mailboxes
 
             await eventually(all_forgotten)
