@@ -66,6 +66,7 @@ from repertory.runtime.node import Node, NodeConfig
 from repertory.runtime.system import ActorSystem, rebuild
 from repertory.runtime.worker import Worker, WorkerConfig
 from repertory.schemas import schema
+from repertory.streams.appender import MAX_BATCH
 from repertory.streams.client import ClientConfig, RedisClient, create_client
 from repertory.streams.eventstore import ACTIVATION_PAGE, EventStore
 from repertory.streams.inbox import MESSAGE_FIELD
@@ -77,7 +78,7 @@ from repertory.streams.partition import (
     Partition,
     SeenWindow,
 )
-from repertory.streams.scripts import ACTIVATE, COMMIT
+from repertory.streams.scripts import ACTIVATE, ADD_MESSAGES, COMMIT
 from repertory.streams.taskqueue import TaskQueue
 
 KIND = "counter"
@@ -350,6 +351,49 @@ async def repertory_runtime(
 # The same work by hand.
 
 
+class RawSends:
+    """Concurrent sends as `ActorSystem.send` makes them (`StreamAppender`), by hand, with no
+    cancellation to handle: a send while another's round trip is out waits, and the first
+    waiting sends them all in one EVALSHA of the same script (`add_messages.lua`) when it
+    returns; a send alone is one XADD."""
+
+    LEAD = b""
+
+    def __init__(self, client: "redis.asyncio.Redis") -> None:
+        self.client = client
+        self.waiting: collections.deque[tuple[str, bytes, asyncio.Future[bytes]]] = (
+            collections.deque()
+        )
+        self.sending = False
+
+    async def add(self, inbox: str, data: bytes) -> bytes:
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting.append((inbox, data, answer))
+        if self.sending:
+            if await answer != self.LEAD:
+                return answer.result()
+        else:
+            self.sending = True
+            await asyncio.sleep(0)  # the senders ready to run join
+        waiting = self.waiting
+        batch = [waiting.popleft() for _ in range(min(MAX_BATCH, len(waiting)))]
+        ids: list[bytes]
+        if len(batch) == 1:
+            ids = [await self.client.xadd(inbox, {MESSAGE_FIELD: data})]
+        else:
+            keys = [key for key, _, _ in batch]
+            ids = await self.client.evalsha(
+                ADD_MESSAGES.sha, len(keys), *keys, *[message for _, message, _ in batch]
+            )
+        if waiting:
+            waiting[0][2].set_result(self.LEAD)
+        else:
+            self.sending = False
+        for (_, _, other), other_id in zip(batch[1:], ids[1:], strict=True):
+            other.set_result(other_id)
+        return ids[0]
+
+
 @dataclass(slots=True, eq=False)
 class RawActor:
     """An actor of the raw runtime: the messages waiting for it and its state once loaded."""
@@ -393,6 +437,7 @@ class RawNode:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
         self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
+        self.sends = RawSends(client)
 
     async def prepare(self) -> None:
         """What the node does before reading: the consumer groups, and an epoch (the lease)."""
@@ -411,8 +456,7 @@ class RawNode:
             created_at=_now_ms(),
             idempotency_key=key,
         )
-        inbox = self.layout.inbox_of(address)
-        await self.client.xadd(inbox, {MESSAGE_FIELD: self._encode(envelope)})
+        await self.sends.add(self.layout.inbox_of(address), self._encode(envelope))
 
     def _actor(self, target: str) -> RawActor:
         layout = self.layout
@@ -1162,6 +1206,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
         # The raw baseline calls its commit and activation scripts by their SHA1 only.
         await admin.script_load(COMMIT.source)
         await admin.script_load(ACTIVATE.source)
+        await admin.script_load(ADD_MESSAGES.source)
         few = env.size(1000, 50)
         many = env.size(100_000, 200)
         latency_s = 0.1 if env.quick else 2.0
@@ -1186,11 +1231,22 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
         await admin.aclose()
 
 
-def _rows_named(prefix: str) -> SuiteFactory:
+ROW_GROUPS: dict[str, Callable[[str], bool]] = {
+    "actors": lambda name: name.startswith("end to end,"),
+    "queues": lambda name: name.endswith("vs task queues"),
+    "latency": lambda name: name.startswith("latency"),
+    "activation": lambda name: name.startswith("activation"),
+}
+"""The groups of rows `python -m benchmarks.bench_runtime GROUP` runs alone, by row name."""
+
+
+def _rows_of(group: str) -> SuiteFactory:
+    wanted = ROW_GROUPS[group]
+
     @asynccontextmanager
     async def rows(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
         async with suite(env) as benchmarks:
-            yield [benchmark for benchmark in benchmarks if benchmark.name.startswith(prefix)]
+            yield [benchmark for benchmark in benchmarks if wanted(benchmark.name)]
 
     return rows
 
@@ -1199,13 +1255,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_runtime",
         description="Some rows of the runtime suite alone: the activations take seconds, the "
-        "latencies a few minutes, the whole suite about nine.",
+        "task queues and the latencies a few minutes each, the whole suite about nine: actors "
+        "(end to end with 1, 1,000 and 100,000 actors), queues (against Dramatiq and Celery), "
+        "latency, activation.",
     )
-    parser.add_argument("what", choices=["activation", "latency"])
+    parser.add_argument("what", choices=list(ROW_GROUPS))
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="measured rounds")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args(argv)
-    only = Suite("runtime", args.what, _rows_named(args.what))
+    only = Suite("runtime", args.what, _rows_of(args.what))
     report = asyncio.run(
         run_suites([only], rounds=args.rounds, quick=args.quick, console=Console(stderr=True))
     )

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from repertory.actors.model import Actor, Rejected
 from repertory.schemas import Codec
 from repertory.schemas.errors import DecodeError, RepertoryError
+from repertory.streams.appender import StreamAppender
 from repertory.streams.client import RedisClient, create_client
 from repertory.streams.eventstore import EventStore, Loaded
 from repertory.streams.keys import Address, KeyLayout
@@ -89,12 +90,19 @@ class ActorSystem:
         self.codec = codec or Codec()
         self._client = client
         self._owns_client = client is None
+        self._appender: StreamAppender | None = None
 
     @property
     def client(self) -> RedisClient:
         if self._client is None:
             raise RepertoryError("the actor system is not connected: use `async with system`")
         return self._client
+
+    def _appends(self) -> StreamAppender:
+        client = self.client
+        if self._appender is None or self._appender.client is not client:
+            self._appender = StreamAppender(client)
+        return self._appender
 
     @property
     def store(self) -> EventStore:
@@ -150,6 +158,7 @@ class ActorSystem:
         """Queue `message` for `target`; returns its message id once it is durably queued.
 
         Sends that share an `idempotency_key` take effect once, however often they are sent.
+        Concurrent sends share round trips (`StreamAppender`).
         """
         address = Address.parse(target) if isinstance(target, str) else target
         self.actor_of(address)
@@ -161,7 +170,7 @@ class ActorSystem:
             traceparent=traceparent,
             reply_to=reply_to,
         )
-        await self.client.xadd(self.keys.inbox_of(address), {b"m": self.codec.encode(envelope)})
+        await self._appends().add(self.keys.inbox_of(address), self.codec.encode(envelope))
         return envelope.id
 
     async def ask(

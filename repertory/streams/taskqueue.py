@@ -10,6 +10,7 @@ import msgspec
 
 from repertory.schemas import Codec, Envelope
 from repertory.schemas.records import now_ms
+from repertory.streams.appender import StreamAppender
 from repertory.streams.client import RedisClient
 from repertory.streams.inbox import Inbox, InboxEntry
 from repertory.streams.keys import KeyLayout
@@ -52,15 +53,16 @@ class TaskQueue:
         self.dead_key = f"{tag}:dead"
         self.appended_key = f"{tag}:appended"
         self.inbox = Inbox(client, self.tasks_key, WORKERS_GROUP)
+        self._appender = StreamAppender(client)
         self._result_decoder = msgspec.msgpack.Decoder(TaskResult)
 
     async def ensure(self) -> None:
         await self.inbox.ensure_group()
 
     async def enqueue(self, task: msgspec.Struct, *, task_id: str | None = None) -> str:
-        """Queue a task; returns its id."""
+        """Queue a task; returns its id. Concurrent enqueues share round trips."""
         envelope = self.codec.envelope(f"queue/{self.name}", task, message_id=task_id)
-        await self.inbox.add(self.codec.encode(envelope))
+        await self._appender.add(self.tasks_key, self.codec.encode(envelope))
         return envelope.id
 
     async def enqueue_once(self, task: msgspec.Struct, *, task_id: str) -> bool:

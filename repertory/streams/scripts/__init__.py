@@ -27,6 +27,7 @@ class Script:
 
 
 ACTIVATE = Script("activate")
+ADD_MESSAGES = Script("add_messages")
 APPEND = Script("append")
 APPEND_ONCE = Script("append_once")
 COMMIT = Script("commit")
