@@ -365,6 +365,7 @@ class RawSends:
             collections.deque()
         )
         self.sending = False
+        self.crowded = False
 
     async def add(self, inbox: str, data: bytes) -> bytes:
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -374,9 +375,11 @@ class RawSends:
                 return answer.result()
         else:
             self.sending = True
-            await asyncio.sleep(0)  # the senders ready to run join
+            if self.crowded:
+                await asyncio.sleep(0)  # the senders ready to run join
         waiting = self.waiting
         batch = [waiting.popleft() for _ in range(min(MAX_BATCH, len(waiting)))]
+        self.crowded = len(batch) > 1
         ids: list[bytes]
         if len(batch) == 1:
             ids = [await self.client.xadd(inbox, {MESSAGE_FIELD: data})]

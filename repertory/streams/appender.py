@@ -59,6 +59,8 @@ class StreamAppender:
         self.max_batch = max_batch
         self._queued: deque[_Add] = deque()
         self._sending = False
+        self._crowded = False
+        """The last batch had more than one caller."""
 
     @property
     def queued(self) -> int:
@@ -76,11 +78,12 @@ class StreamAppender:
                 add.woken = asyncio.Event()
                 await add.woken.wait()
             else:
-                # Let callers ready to run join this batch: those a batch just answered come
-                # back together, and would otherwise alternate between batches of one and of
-                # the rest.
                 self._sending = add.leads = True
-                await asyncio.sleep(0)
+                if self._crowded:
+                    # Let callers ready to run join this batch: those a batch just answered
+                    # come back together, and would otherwise alternate between batches of
+                    # one and of the rest. A caller alone goes at once.
+                    await asyncio.sleep(0)
         except BaseException:
             self._withdraw(add)
             raise
@@ -98,6 +101,7 @@ class StreamAppender:
 
     async def _send_batch(self) -> None:
         batch = [self._queued.popleft() for _ in range(min(self.max_batch, len(self._queued)))]
+        self._crowded = len(batch) > 1
         try:
             with anyio.CancelScope(shield=True):
                 replies = await self._send(batch)
