@@ -161,6 +161,18 @@ class RawEnvelope(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True,
     content_type: str = "application/msgpack"
 
 
+def raw_envelope(address: Address, amount: int, key: str | None) -> RawEnvelope:
+    return RawEnvelope(
+        id=str(uuid.uuid4()),
+        type=ADD_TYPE,
+        schema_version=1,
+        target=str(address),
+        payload=Add(amount),
+        created_at=_now_ms(),
+        idempotency_key=key,
+    )
+
+
 class RawEventRecord(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
     type: str
     schema_version: Annotated[int, msgspec.Meta(ge=1)]
@@ -450,15 +462,7 @@ class RawNode:
             await self.client.set(self.layout.epoch(KIND, number), self.epoch)
 
     async def send(self, address: Address, amount: int, key: str | None) -> None:
-        envelope = RawEnvelope(
-            id=str(uuid.uuid4()),
-            type=ADD_TYPE,
-            schema_version=1,
-            target=str(address),
-            payload=Add(amount),
-            created_at=_now_ms(),
-            idempotency_key=key,
-        )
+        envelope = raw_envelope(address, amount, key)
         await self.sends.add(self.layout.inbox_of(address), self._encode(envelope))
 
     def _actor(self, target: str) -> RawActor:
@@ -979,6 +983,55 @@ def task_queues_installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("dramatiq", "celery"))
 
 
+def _sends(rig: Rig, actors: int, messages: int) -> Benchmark:
+    """What sending costs with no node running: `SENDERS` concurrent senders, round-robin to
+    `actors` actors (all 16 partitions' inboxes)."""
+    layout = KeyLayout("snd", partitions=PARTITIONS)
+    system = ActorSystem(Counter(), app=layout.app, partitions=PARTITIONS, client=rig.client)
+    addresses = _addresses(actors)
+    inboxes = [layout.inbox(KIND, number) for number in range(PARTITIONS)]
+    encode = msgspec.msgpack.Encoder().encode
+
+    async def one_xadd_each(address: Address, amount: int, key: str | None) -> None:
+        data = encode(raw_envelope(address, amount, key))
+        await rig.admin.xadd(layout.inbox_of(address), {MESSAGE_FIELD: data})
+
+    def batched_by_hand() -> Send:
+        sends = RawSends(rig.admin)
+
+        async def send(address: Address, amount: int, key: str | None) -> None:
+            await sends.add(layout.inbox_of(address), encode(raw_envelope(address, amount, key)))
+
+        return send
+
+    async def repertory_send(address: Address, amount: int, key: str | None) -> None:
+        await system.send(address, Add(amount), idempotency_key=key)
+
+    def round_of(send: Callable[[], Send]) -> Callable[[int], Awaitable[Sample]]:
+        async def one_round(round_index: int) -> Sample:
+            clock = time.perf_counter
+            start = clock()
+            await _send_round_robin(send(), addresses, messages)
+            seconds = clock() - start
+            _check("inbox entries", await rig.lengths(inboxes), messages)
+            await rig.admin.flushall()
+            return Sample(messages, seconds)
+
+        return one_round
+
+    return Benchmark(
+        name="sends",
+        description=f"{messages:,} messages sent by {SENDERS} concurrent senders to {actors:,} "
+        "actors, no node running",
+        unit="msgs",
+        variants=[
+            Variant("raw redis-py, batched by hand", round_of(batched_by_hand), baseline=True),
+            Variant("repertory ActorSystem.send", round_of(lambda: repertory_send)),
+            Variant("raw redis-py, one XADD each", round_of(lambda: one_xadd_each)),
+        ],
+    )
+
+
 def _task_queues(
     rig: Rig,
     dramatiq_rig: DramatiqRig,
@@ -1218,6 +1271,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             _throughput(rig, few, env.size(10_000, 200), "k"),
             _throughput(rig, many, many, "m"),
             _throughput(rig, many, many, "w", activated=True),
+            _sends(rig, few, env.size(20_000, 200)),
             *queues,
             *[
                 _latency(rig, rate, round(rate * latency_s), actors)
@@ -1236,6 +1290,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
 
 ROW_GROUPS: dict[str, Callable[[str], bool]] = {
     "actors": lambda name: name.startswith("end to end,"),
+    "sends": lambda name: name == "sends",
     "queues": lambda name: name.endswith("vs task queues"),
     "latency": lambda name: name.startswith("latency"),
     "activation": lambda name: name.startswith("activation"),
@@ -1257,10 +1312,10 @@ def _rows_of(group: str) -> SuiteFactory:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_runtime",
-        description="Some rows of the runtime suite alone: the activations take seconds, the "
-        "task queues and the latencies a few minutes each, the whole suite about nine: actors "
-        "(end to end with 1, 1,000 and 100,000 actors), queues (against Dramatiq and Celery), "
-        "latency, activation.",
+        description="Some rows of the runtime suite alone: the sends and the activations take "
+        "seconds, the task queues and the latencies a few minutes each, the whole suite about "
+        "nine: actors (end to end with 1, 1,000 and 100,000 actors), sends (no node running), "
+        "queues (against Dramatiq and Celery), latency, activation.",
     )
     parser.add_argument("what", choices=list(ROW_GROUPS))
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="measured rounds")

@@ -4,7 +4,8 @@ A caller alone sends its XADD at once and waits one round trip, as with a plain 
 that arrive while a round trip is out queue, and the first of them sends them all together
 when it returns: one script call (`add_messages.lua`), or on a Cluster, whose scripts reach one
 slot each, one pipeline. Under load a send then costs a share of a round trip: 8 µs of client
-CPU per message measured for batches of 16 against 18 µs in a pipeline and about 30 µs alone.
+CPU per message in batches of 16, against 18 µs in a redis-py pipeline (it reads each reply
+under a timeout of its own). The runtime benchmarks' row *sends* measures the rates.
 
 No task runs in the background: the caller at the head of the queue sends the batch (its
 round trip shielded from cancellation, so the others always get their answer) and hands the
