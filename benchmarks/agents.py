@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.harness import empty
 from repertory.runtime.agents_demo import DemoConfig, DemoReport, run_project
 from repertory.streams.client import create_client
 from repertory.streams.embedded import EmbeddedServer
@@ -42,7 +43,7 @@ async def measure(
     async def fresh_project(config: DemoConfig) -> DemoReport:
         # Each run starts from an empty server: the health monitor's memory of earlier kills
         # would otherwise put it in degraded mode, which refuses new projects (as it should).
-        await client.flushall()
+        await empty(client)
         return _checked(await run_project(url, config))
 
     try:

@@ -57,6 +57,7 @@ from benchmarks.harness import (
     Suite,
     SuiteFactory,
     Variant,
+    empty,
     render_markdown,
     run_suites,
     sequential,
@@ -660,7 +661,7 @@ async def throughput_round(
         await rig.wait_committed(layout, warm_up + messages, driver)
         seconds = clock() - start
     await rig.check_round(layout, addresses, warm_up + messages)
-    await rig.admin.flushall()
+    await empty(rig.admin)
     return Sample(messages, seconds)
 
 
@@ -677,7 +678,7 @@ async def drain_round(rig: Rig, runtime: Runtime, app: str, actors: int, message
         await rig.wait_committed(layout, messages, driver)
         seconds = time.perf_counter() - driver.started
     await rig.check_round(layout, addresses, messages)
-    await rig.admin.flushall()
+    await empty(rig.admin)
     return Sample(messages, seconds)
 
 
@@ -728,7 +729,7 @@ async def latency_round(
         seconds = clock() - start
     _check(f"latencies measured in {app}", len(latencies), messages)
     await rig.check_round(layout, addresses, actors + messages)
-    await rig.admin.flushall()
+    await empty(rig.admin)
     return Sample(messages, seconds, latencies)
 
 
@@ -1011,7 +1012,7 @@ def _sends(rig: Rig, actors: int, messages: int) -> Benchmark:
             await _send_round_robin(send, addresses, messages)
             seconds = clock() - start
             _check("inbox entries", await rig.lengths(inboxes), messages)
-            await rig.admin.flushall()
+            await empty(rig.admin)
             return Sample(messages, seconds)
 
         return one_round

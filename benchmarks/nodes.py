@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.harness import empty
 from repertory.runtime.system import ActorSystem
 from repertory.streams.client import RedisClient, create_client
 from repertory.streams.embedded import EmbeddedServer
@@ -87,7 +88,7 @@ class Bench:
         return total
 
     async def reset(self) -> None:
-        await self.client.flushall()
+        await empty(self.client)
 
 
 async def failover_times(bench: Bench, runs: int, console: Console) -> list[float]:
