@@ -1,11 +1,13 @@
 """The client factory: URL forms, TLS and cluster options (built without connecting), bad
 configurations, ACL authentication, pooling, and reconnecting across a server crash."""
 
+import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -13,6 +15,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import AuthenticationError, DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from repertory.schemas.errors import RepertoryError
 from repertory.streams.client import (
@@ -340,3 +343,74 @@ async def test_the_client_rides_out_a_crash_and_loses_no_acknowledged_entry(
         assert await client.xlen(b"log") == len(acknowledged) + 1
     finally:
         await client.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_a_command_starts_no_task(redis_url: str) -> None:
+    """Writes are bounded by a timeout context, not by `asyncio.wait_for`, which on Python
+    3.11 starts a task for every command (a third of a node's throughput with one actor)."""
+    client = create_client(redis_url)
+    loop = asyncio.get_running_loop()
+    started: list[object] = []
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> Any:
+        started.append(coro)
+        if default_factory is not None:
+            return default_factory(loop, coro, **options)
+        return asyncio.Task(coro, loop=loop, **options)
+
+    try:
+        await client.ping()  # connected beforehand: connecting is not what is counted
+        loop.set_task_factory(counting_factory)
+        try:
+            assert await client.set(b"no-task", b"1")
+            assert await client.get(b"no-task") == b"1"
+        finally:
+            loop.set_task_factory(default_factory)
+        assert started == []
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.anyio
+async def test_a_write_the_server_does_not_take_times_out_and_drops_the_connection(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A proxy in front of the server stops reading from the client once it is connected:
+    when the socket's buffers are full the write waits, and past `socket_timeout` it fails
+    as redis-py's TimeoutError, the connection closed rather than reused half-written."""
+    server_path = urlsplit(redis_url).path
+    stalled = asyncio.Event()
+    pumps: list[asyncio.Task[None]] = []
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, up: bool) -> None:
+        while data := await source.read(65536):
+            if up and stalled.is_set():
+                return  # reads nothing more from the client
+            sink.write(data)
+            await sink.drain()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_unix_connection(server_path)
+        pumps.append(asyncio.create_task(pump(reader, server_writer, up=True)))
+        pumps.append(asyncio.create_task(pump(server_reader, writer, up=False)))
+
+    proxy_path = tmp_path / "proxy.sock"
+    proxy = await asyncio.start_unix_server(accept, path=str(proxy_path))
+    client = create_client(ClientConfig(url=f"unix://{proxy_path}?socket_timeout=0.3", retries=0))
+    pool = standalone(client).connection_pool
+    connection = await pool.get_connection()
+    try:
+        stalled.set()
+        with pytest.raises(RedisTimeoutError, match="writing"):
+            await connection.send_packed_command([b"x" * (64 << 20)], check_health=False)
+        assert not connection.is_connected
+    finally:
+        await pool.release(connection)
+        await client.aclose()
+        proxy.close()
+        for task in pumps:
+            task.cancel()

@@ -10,8 +10,9 @@ Retrying after a timeout can run a write twice (the server may have applied it b
 was lost); the event store's expected-version check turns such a repeat into a conflict.
 """
 
+import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -241,12 +242,20 @@ def _retry(config: ClientConfig) -> Retry:
     )
 
 
-class _HiredisPacking(AbstractConnection):  # type: ignore[misc]  # redis is untyped to mypy
-    """Packs commands with hiredis, as redis-py's synchronous client does. Its asyncio client
-    packs in Python, at about 0.6 µs an argument: a group commit of 32 messages has ~400 of
-    them, and packing was an eighth of a node's CPU. Arguments hiredis does not take (None,
-    bool, bytearray) and multi-word command names go the Python way, which accepts or rejects
-    them as redis-py always has."""
+class _LeanConnection(AbstractConnection):  # type: ignore[misc]  # redis is untyped to mypy
+    """A redis-py connection that costs less client CPU per command, with the same behaviour.
+
+    - It packs commands with hiredis, as redis-py's synchronous client does. Its asyncio client
+      packs in Python, at about 0.6 µs an argument: a group commit of 32 messages has ~400 of
+      them, and packing was an eighth of a node's CPU. Arguments hiredis does not take (None,
+      bool, bytearray) and multi-word command names go the Python way, which accepts or rejects
+      them as redis-py always has.
+    - It bounds each write with `asyncio.timeout` where redis-py uses `asyncio.wait_for`, which
+      on Python 3.11 starts a task and goes once round the event loop for every command, even
+      one the socket takes at once: 15-30 µs of a ~90 µs round trip here, and a third of the
+      node's throughput with one actor. Errors are redis-py's: a write past `socket_timeout` is a
+      TimeoutError, a failed socket a ConnectionError, and either drops the connection.
+    """
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " not in args[0]:
@@ -257,9 +266,38 @@ class _HiredisPacking(AbstractConnection):  # type: ignore[misc]  # redis is unt
         packed: list[bytes] = super().pack_command(*args)
         return packed
 
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        if not self.is_connected:
+            await self.connect_check_health(check_health=False)
+        if check_health:
+            await self.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            async with asyncio.timeout(self.socket_timeout or None):
+                await self._send_packed_command(command)
+        except TimeoutError as error:
+            await self.disconnect(nowait=True)
+            if error.errno is not None:  # ETIMEDOUT from the OS: the connection is dead
+                raise RedisConnectionError(
+                    f"Error {error.errno} while writing to socket"
+                ) from error
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as error:
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {error}") from error
+        except BaseException:
+            # A write cut short leaves the connection in an unknown state: it is not reused.
+            await self.disconnect(nowait=True)
+            raise
 
-_HIREDIS_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
-    kind: type(f"Hiredis{kind.__name__}", (_HiredisPacking, kind), {})
+
+_LEAN_CONNECTIONS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    kind: type(f"Lean{kind.__name__}", (_LeanConnection, kind), {})
     for kind in (Connection, SSLConnection, UnixDomainSocketConnection)
 }
 
@@ -308,5 +346,5 @@ def create_client(config: ClientConfig | str) -> RedisClient:
         )
     except (ValueError, RedisError) as error:
         raise ClientConfigError(f"cannot use {config.url!r}: {error}") from error
-    pool.connection_class = _HIREDIS_PACKING[pool.connection_class]
+    pool.connection_class = _LEAN_CONNECTIONS[pool.connection_class]
     return redis.asyncio.Redis.from_pool(pool)
