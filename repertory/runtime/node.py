@@ -153,6 +153,8 @@ class _Mailbox:
     """Queued for a handler task, or held by one."""
     room: anyio.Event | None = None
     """Set when a message leaves a full mailbox: the reader waits for it."""
+    address: Address | None = None
+    """The actor, parsed from `key` (its messages' target) and checked once."""
 
 
 class _IdleActor(msgspec.Struct, frozen=True, gc=False):
@@ -165,8 +167,7 @@ class _IdleActor(msgspec.Struct, frozen=True, gc=False):
     last_used_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Handled:
+class _Handled(msgspec.Struct, frozen=True, gc=False):
     """A message handled and ready to commit: the actor's view after it, what to commit, and
     the answer for an external `ask` (its reply stream and reply), sent after the commit."""
 
@@ -325,10 +326,6 @@ class Node:
             await self.clock.sleep(seconds)
             group.cancel_scope.cancel()
 
-    async def fault(self, point: str, address: Address | None) -> None:
-        if self.faults is not None:
-            await self.faults(point, address)
-
 
 class PartitionSession:
     """One owned (kind, partition) for as long as the lease holds."""
@@ -344,6 +341,8 @@ class PartitionSession:
         self.system = node.system
         self.config = node.config
         self.actor: Actor[Any] = node.system.actors[partition.kind]
+        self._target_prefix = f"{partition.kind}/"
+        """How the targets of this partition's actors begin (the kind is checked already)."""
         self.handling = node.handling if self.actor.handlers_await else node.plain_handling
         """What this partition's handler tasks (one per token) take while they handle."""
         self.mailboxes: dict[str, _Mailbox] = {}
@@ -366,7 +365,10 @@ class PartitionSession:
         self._outbox_changed = anyio.Event()
         self.stopping = False
         self._stop_requested = anyio.Event()
-        self._in_flight = anyio.Semaphore(self.config.max_in_flight)
+        self._in_flight = 0
+        """Messages handed to mailboxes and not settled yet (see `max_in_flight`)."""
+        self._in_flight_fell: anyio.Event | None = None
+        """Set when messages settle while the reader waits for `_in_flight` to fall."""
 
     def stop(self) -> None:
         """Hand the partition over: stop reading, finish the messages in hand, release."""
@@ -420,8 +422,7 @@ class PartitionSession:
                 logger.warning("reading %s failed (%s); retrying", self.partition, error)
                 await self.sleep_unless_stopping(self._backoff(failures))
                 continue
-            for entry in entries:
-                await self._dispatch(entry, deliveries=1)
+            await self._dispatch(entries)
             self._hand_out()
             if not entries and self.config.block_ms is None:
                 await self.sleep_unless_stopping(self.config.poll_s)
@@ -451,49 +452,58 @@ class PartitionSession:
                         start=claimed.entries[0].id,
                     )
                 }
-                for entry in claimed.entries:
-                    await self._dispatch(entry, deliveries=counts.get(entry.id, 1))
+                await self._dispatch(claimed.entries, counts)
                 self._hand_out()
             start = claimed.next_start
             if start in (b"0-0", "0-0"):
                 return
 
-    async def _dispatch(self, entry: InboxEntry, *, deliveries: int) -> None:
-        # Back-pressure: the reader waits while this many messages are in the mailboxes.
-        try:
-            self._in_flight.acquire_nowait()
-        except anyio.WouldBlock:
-            self._hand_out()  # what it waits for may be waiting for those
-            await self._in_flight.acquire()
-        if self.stopping:
-            self._settled(1)
-            return  # left pending for the partition's next owner
-        data = entry.data or b""
-        envelope: Envelope | None = None
-        error: DecodeError | None = None
-        if entry.data is None:
-            error = DecodeError("inbox entry has no message field", reason="malformed")
-        else:
-            try:
-                envelope = self.system.codec.decode_envelope(entry.data)
-            except DecodeError as undecodable:
-                error = undecodable
-        # Undecodable entries have no actor: each gets a mailbox of its own.
-        key = envelope.target if envelope is not None else f"!{entry.id.decode()}"
-        mailbox = self.mailboxes.get(key)
-        if mailbox is None:
-            idle = self.idle.pop(key, None)
-            mailbox = self.mailboxes[key] = _Mailbox(key, None if idle is None else idle.view)
-        while len(mailbox.waiting) >= self.config.mailbox_size:
-            self._hand_out()
-            # While the reader waits here the mailbox stays (see `_release`).
-            mailbox.room = anyio.Event()
-            await mailbox.room.wait()
-            mailbox.room = None
-        mailbox.waiting.append(_Delivery(entry.id, data, deliveries, envelope, error))
-        if not mailbox.held:
-            mailbox.held = True
-            self._newly_ready.append(mailbox)
+    async def _dispatch(
+        self, entries: list[InboxEntry], deliveries: dict[bytes, int] | None = None
+    ) -> None:
+        """Put each entry in its actor's mailbox, in order; `deliveries` are the entries'
+        delivery counts when not 1 (claimed entries)."""
+        max_in_flight, mailbox_size = self.config.max_in_flight, self.config.mailbox_size
+        decode = self.system.codec.decode_envelope
+        for entry in entries:
+            # Back-pressure: the reader waits while this many messages are in the mailboxes.
+            if self._in_flight >= max_in_flight:
+                self._hand_out()  # what it waits for may be waiting for those
+                while self._in_flight >= max_in_flight:
+                    self._in_flight_fell = anyio.Event()
+                    await self._in_flight_fell.wait()
+                self._in_flight_fell = None
+            self._in_flight += 1
+            if self.stopping:
+                self._settled(1)
+                continue  # left pending for the partition's next owner
+            data = entry.data or b""
+            envelope: Envelope | None = None
+            error: DecodeError | None = None
+            if entry.data is None:
+                error = DecodeError("inbox entry has no message field", reason="malformed")
+            else:
+                try:
+                    envelope = decode(entry.data)
+                except DecodeError as undecodable:
+                    error = undecodable
+            # Undecodable entries have no actor: each gets a mailbox of its own.
+            key = envelope.target if envelope is not None else f"!{entry.id.decode()}"
+            mailbox = self.mailboxes.get(key)
+            if mailbox is None:
+                idle = self.idle.pop(key, None)
+                mailbox = self.mailboxes[key] = _Mailbox(key, None if idle is None else idle.view)
+            while len(mailbox.waiting) >= mailbox_size:
+                self._hand_out()
+                # While the reader waits here the mailbox stays (see `_release`).
+                mailbox.room = anyio.Event()
+                await mailbox.room.wait()
+                mailbox.room = None
+            count = 1 if deliveries is None else deliveries.get(entry.id, 1)
+            mailbox.waiting.append(_Delivery(entry.id, data, count, envelope, error))
+            if not mailbox.held:
+                mailbox.held = True
+                self._newly_ready.append(mailbox)
 
     def _hand_out(self) -> None:
         """Queue the actors the read gave messages to for the handler tasks, shared out among
@@ -541,13 +551,14 @@ class PartitionSession:
                         done = await self._process_group(group, batches)
                     finally:
                         self._settled(sum(len(batch) for batch in batches))
+                now_ms = self.node.clock.now_ms()
                 for mailbox, finished in zip(group, done, strict=True):
                     if not finished:
                         # Stopping, and a message was left pending: the ones after it wait for
                         # the next owner too, so that they stay behind it.
                         self._settled(len(mailbox.waiting))
                         mailbox.waiting.clear()
-                    self._release(mailbox)
+                    self._release(mailbox, now_ms)
 
     def _take(self, mailbox: _Mailbox) -> list[_Delivery]:
         """The next messages of `mailbox` to handle, up to `commit_batch`."""
@@ -557,8 +568,9 @@ class PartitionSession:
             mailbox.room.set()
         return batch
 
-    def _release(self, mailbox: _Mailbox) -> None:
-        """A handler task is done with `mailbox`: back in line if messages wait, else idle."""
+    def _release(self, mailbox: _Mailbox, now_ms: int) -> None:
+        """A handler task is done with `mailbox`: back in line if messages wait, else idle
+        (last used at `now_ms`)."""
         if mailbox.waiting:
             self._ready.send_nowait([mailbox])
             return
@@ -568,19 +580,19 @@ class PartitionSession:
         del self.mailboxes[mailbox.key]
         # An actor whose view could not be kept (undecodable messages, failures) is not kept.
         if mailbox.view is not None:
-            now_ms = self.node.clock.now_ms()
             self.idle[mailbox.key] = _IdleActor(mailbox.view, now_ms)  # most recently used last
 
     def _settled(self, count: int) -> None:
         """`count` messages left the mailboxes: handled, dead-lettered, or left pending."""
-        for _ in range(count):
-            self._in_flight.release()
-        if self._in_flight.value == self.config.max_in_flight:
+        self._in_flight -= count
+        if self._in_flight_fell is not None:
+            self._in_flight_fell.set()
+        if not self._in_flight:
             self._drained.set()
 
     async def _wait_drained(self) -> None:
         """Until every message handed to a mailbox has left it."""
-        while self._in_flight.value < self.config.max_in_flight:
+        while self._in_flight:
             self._drained = anyio.Event()
             await self._drained.wait()
 
@@ -630,11 +642,9 @@ class PartitionSession:
             envelope = batch[0].envelope if batch else None
             if mailbox.view is None and envelope is not None:
                 try:
-                    address = Address.parse(envelope.target)
-                except KeyLayoutError:
+                    inactive.append((mailbox, self._address_of(mailbox, envelope)))
+                except (KeyLayoutError, UnknownKindError):
                     continue
-                if address.kind == self.partition.kind:
-                    inactive.append((mailbox, address))
         if len(inactive) < 2:
             return  # no round trip to save
         try:
@@ -788,10 +798,28 @@ class PartitionSession:
         """Handle `delivery` on the view the messages handled before it in the batch left."""
         if delivery.envelope is None:
             raise delivery.error or DecodeError("no envelope", reason="malformed")
-        address = Address.parse(delivery.envelope.target)
+        address = self._address_of(mailbox, delivery.envelope)
         if mailbox.view is None:
             mailbox.view = await rebuild(self.system.store, self.actor, address)
         return await self._handle(address, handled[-1].view if handled else mailbox.view, delivery)
+
+    def _address_of(self, mailbox: _Mailbox, envelope: Envelope) -> Address:
+        """The actor of `mailbox`, whose messages' target `envelope` names: parsed and checked
+        by the first message, so that a mailbox's other messages and its commits need not."""
+        address = mailbox.address
+        if address is None:
+            target, prefix = envelope.target, self._target_prefix
+            if target.startswith(prefix) and len(target) > len(prefix):
+                address = Address(self.partition.kind, target[len(prefix) :])
+            else:
+                address = Address.parse(target)
+            partition = self.partition
+            if address.kind != partition.kind:
+                raise UnknownKindError(f"{address} arrived in the inbox of {partition}")
+            if self.system.keys.partition_of(address) != partition.number:
+                raise KeyLayoutError(f"{address} arrived in the inbox of {partition}")
+            mailbox.address = address
+        return address
 
     async def _commit_or_none(
         self, mailbox: _Mailbox, handled: list[_Handled]
@@ -809,8 +837,6 @@ class PartitionSession:
         assert envelope is not None
         system, node = self.system, self.node
         codec = system.codec
-        if address.kind != self.partition.kind:
-            raise UnknownKindError(f"{address} arrived in the inbox of {self.partition}")
         message = codec.message_of(envelope)
         state, version = view.state, view.version
         now = node.clock.now_ms()
@@ -825,7 +851,9 @@ class PartitionSession:
             causation_id=envelope.causation_id,
         )
 
-        await node.fault("before-handle", address)
+        faults = node.faults
+        if faults is not None:
+            await faults("before-handle", address)
         rejected: Rejected | None = None
         try:
             events = await self.actor.handle(state, message, ctx)
@@ -834,7 +862,8 @@ class PartitionSession:
             ctx.outgoing.clear()
         except Exception as error:
             raise HandlerError(error) from error
-        await node.fault("after-handle", address)
+        if faults is not None:
+            await faults("after-handle", address)
         try:
             new_state = self.actor.fold(state, events)
         except Exception as error:
@@ -930,7 +959,9 @@ class PartitionSession:
         """Commit handled messages of one actor; on success, the replies and snapshot follow."""
         assert mailbox.view is not None
         address = handled[0].address
-        await self.node.fault("before-commit", address)
+        faults = self.node.faults
+        if faults is not None:
+            await faults("before-commit", address)
         result = await self.partition.commit(
             address,
             mailbox.view.version,
@@ -939,13 +970,14 @@ class PartitionSession:
             now_ms=self.node.clock.now_ms(),
             seen=self.config.seen,
         )
-        await self.node.fault("after-commit", address)
+        if faults is not None:
+            await faults("after-commit", address)
         if result.status is CommitStatus.FENCED:
             raise PartitionLost(f"{self.partition} moved to another node")
         if result.status is CommitStatus.CONFLICT:
             mailbox.view = None
-        if result.status is CommitStatus.COMMITTED:
-            await self._committed(mailbox, handled)
+        if result.status is CommitStatus.COMMITTED and self._committed(mailbox, handled):
+            await self._follow_up(handled)
         return result
 
     async def _commit_group(self, group: list[_Mailbox], handled_all: list[list[_Handled]]) -> bool:
@@ -958,12 +990,15 @@ class PartitionSession:
         ]
         if not parts:
             return True
+        faults = self.node.faults
         actors: list[ActorCommits] = []
         for mailbox, handled in parts:
             assert mailbox.view is not None
-            await self.node.fault("before-commit", handled[0].address)
+            address = handled[0].address
+            if faults is not None:
+                await faults("before-commit", address)
             commits = [item.commit for item in handled]
-            actors.append(ActorCommits(handled[0].address, mailbox.view.version, commits))
+            actors.append(ActorCommits(address, mailbox.view.version, commits))
         try:
             result = await self.partition.commit_many(
                 actors, epoch=self.epoch, now_ms=self.node.clock.now_ms(), seen=self.config.seen
@@ -972,8 +1007,9 @@ class PartitionSession:
             for mailbox, _ in parts:
                 mailbox.view = None
             return False
-        for _, handled in parts:
-            await self.node.fault("after-commit", handled[0].address)
+        if faults is not None:
+            for _, handled in parts:
+                await faults("after-commit", handled[0].address)
         if result.status is CommitStatus.FENCED:
             raise PartitionLost(f"{self.partition} moved to another node")
         if result.status is CommitStatus.CONFLICT:
@@ -982,21 +1018,37 @@ class PartitionSession:
         if result.status is not CommitStatus.COMMITTED:
             return False
         for mailbox, handled in parts:
-            await self._committed(mailbox, handled)
+            if self._committed(mailbox, handled):
+                await self._follow_up(handled)
         return True
 
-    async def _committed(self, mailbox: _Mailbox, handled: list[_Handled]) -> None:
-        """After a commit: the actor's new view, the services woken, a snapshot when one is
-        due, the answers to external asks."""
-        assert mailbox.view is not None
-        before, after = mailbox.view.version, handled[-1].view
-        mailbox.view = after
-        if any(item.commit.timers for item in handled):
-            self._timers_changed.set()
-        if any(item.commit.remote for item in handled):
-            self._outbox_changed.set()
+    def _committed(self, mailbox: _Mailbox, handled: list[_Handled]) -> bool:
+        """After a commit: the actor's new view, the services woken. True when a snapshot is
+        due or an external ask waits for its answer (`_follow_up` writes them)."""
+        mailbox.view = handled[-1].view
+        follow_up = self._snapshot_due(handled)
+        for item in handled:
+            commit = item.commit
+            if commit.timers:
+                self._timers_changed.set()
+            if commit.remote:
+                self._outbox_changed.set()
+            if item.reply is not None:
+                follow_up = True
+        return follow_up
+
+    def _snapshot_due(self, handled: list[_Handled]) -> bool:
+        """Whether the committed messages `handled` took the actor past a multiple of
+        `snapshot_every`."""
         every = self.actor.snapshot_every
-        if every and after.version // every > before // every:
+        first, after = handled[0], handled[-1].view
+        before = first.view.version - len(first.commit.events)
+        return bool(every) and after.version // every > before // every
+
+    async def _follow_up(self, handled: list[_Handled]) -> None:
+        """After a commit: the snapshot when one is due, the answers to external asks."""
+        if self._snapshot_due(handled):
+            after = handled[-1].view
             await self._snapshot(handled[0].address, after.state, after.version)
         for item in handled:
             if item.reply is not None:

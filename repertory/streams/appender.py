@@ -11,9 +11,9 @@ No task runs in the background: the caller at the head of the queue sends the ba
 round trip shielded from cancellation, so the others always get their answer) and hands the
 lead to the next queued caller.
 
-A waiting caller waits on an `asyncio.Event`: anyio's looks up the running async library each
-time one is made, a tenth of a send's CPU when every send makes one, and the client is
-asyncio's anyway.
+A waiting caller waits on an asyncio future of its own: anyio's Event looks up the running
+async library each time one is made (a tenth of a send's CPU when every send makes one), an
+asyncio Event adds a lookup of its loop to each wait, and the client is asyncio's anyway.
 """
 
 import asyncio
@@ -37,12 +37,17 @@ class _Add:
     def __init__(self, stream: str, message: bytes) -> None:
         self.stream = stream
         self.message = message
-        self.woken: asyncio.Event | None = None
-        """Set when its batch is answered or its turn to send came; only a caller that
+        self.woken: asyncio.Future[None] | None = None
+        """Done when its batch is answered or its turn to send came; only a caller that
         queued behind a batch in flight waits for it."""
         self.leads = False
         self.entry_id: bytes | None = None
         self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        # Its caller may have been cancelled meanwhile (then the future is cancelled too).
+        if self.woken is not None and not self.woken.done():
+            self.woken.set_result(None)
 
     def outcome(self) -> bytes:
         if self.error is not None:
@@ -76,8 +81,8 @@ class StreamAppender:
         self._queued.append(add)
         try:
             if self._sending:
-                add.woken = asyncio.Event()
-                await add.woken.wait()
+                add.woken = asyncio.get_running_loop().create_future()
+                await add.woken
             else:
                 self._sending = add.leads = True
                 if self._crowded:
@@ -114,8 +119,7 @@ class StreamAppender:
                 add.error = reply
             else:
                 add.entry_id = reply
-            if add.woken is not None:
-                add.woken.set()
+            add.wake()
 
     async def _send(self, batch: list[_Add]) -> list[Any]:
         if len(batch) == 1:
@@ -133,7 +137,6 @@ class StreamAppender:
         if self._queued:
             head = self._queued[0]
             head.leads = True
-            assert head.woken is not None
-            head.woken.set()
+            head.wake()
         else:
             self._sending = False

@@ -41,6 +41,16 @@ class Address(NamedTuple):
         return f"{self.kind}/{self.id}"
 
 
+def events_key(tag: str, actor_id: str) -> str:
+    """The event stream of actor `actor_id` of the partition whose hash tag is `tag`."""
+    return f"{tag}:ev:{actor_id}"
+
+
+def handled_key(tag: str, actor_id: str) -> str:
+    """The handled-message stream of actor `actor_id` of the partition tagged `tag`."""
+    return f"{tag}:msg:{actor_id}"
+
+
 class KeyLayout:
     """Names every Redis key of one application namespace.
 
@@ -81,11 +91,11 @@ class KeyLayout:
     # Per actor.
     def events(self, address: Address) -> str:
         """The actor's event stream; entry ids are `<version>-0`."""
-        return f"{self._actor_tag(address)}:ev:{address.id}"
+        return events_key(self._actor_tag(address), address.id)
 
     def handled(self, address: Address) -> str:
         """The messages the actor handled, each with the versions it moved between (replay)."""
-        return f"{self._actor_tag(address)}:msg:{address.id}"
+        return handled_key(self._actor_tag(address), address.id)
 
     def migrating(self, address: Address) -> str:
         """The rewritten copy of the actor's event stream while a migration builds it."""

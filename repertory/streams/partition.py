@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import msgspec
+
 from repertory.streams.client import RedisClient
 from repertory.streams.deadletters import DeadLetters
 from repertory.streams.inbox import Inbox
-from repertory.streams.keys import Address, KeyLayout
+from repertory.streams.keys import Address, KeyLayout, KeyLayoutError, events_key, handled_key
 from repertory.streams.scripts import COMMIT, FIRE_TIMERS, LEASE, RELEASE_LEASE
 
 RELAY_GROUP = "relay"
@@ -48,8 +50,7 @@ class GroupCommitResult(NamedTuple):
     """On CONFLICT, that actor's current version; on FENCED, the partition's epoch."""
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(msgspec.Struct, frozen=True, gc=False):
     """The whole effect of handling one message, written at once or not at all.
 
     `local` messages go straight to this partition's inbox, `timers` to its timer set (due ms,
@@ -98,6 +99,7 @@ class Partition:
         self.kind = kind
         self.number = number
         self.group = keys.group(kind)
+        self.tag = keys.tag(kind, number)
         self.inbox = Inbox(client, keys.inbox(kind, number), self.group)
         self.dead_letters = DeadLetters(client, keys.dead_letters(kind, number))
         self.outbox_key = keys.outbox(kind, number)
@@ -153,8 +155,11 @@ class Partition:
             len(actors),
         ]
         keys = [self.inbox.stream, self.seen_key, self.epoch_key, self.outbox_key, self.timers_key]
+        tag, layout = self.tag, self.keys
         for address, expected_version, commits in actors:
-            keys.extend((self.keys.events(address), self.keys.handled(address)))
+            if address.kind != self.kind or layout.partition_of(address) != self.number:
+                raise KeyLayoutError(f"{address} is not an actor of {self}")
+            keys.extend((events_key(tag, address.id), handled_key(tag, address.id)))
             args.extend((expected_version, len(commits)))
             for commit in commits:
                 args.extend(
