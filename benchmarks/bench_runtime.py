@@ -5,15 +5,16 @@ message goes send (XADD) -> read (XREADGROUP) -> handled -> committed (one EVALS
 `commit.lua`: event, handled message, dedupe id, XACK) in both the node and its raw baseline.
 
 The raw baseline (`RawNode`) is the node's Redis work written by hand with no framework: one
-reader per partition reading batches of `read_count` (once a turn is free) into a queue per
-actor, a fixed set of handler tasks (the node's `max_handling`) taking actors with messages
-waiting from one ready queue (serial within an actor, concurrent across actors), as the node
-does, activation by one EVALSHA of the node's activation script (`activate.lua`: the snapshot,
-or the first events of an actor without one) for the actors taken together on their first
-message, then per message one msgspec decode of the envelope, one msgspec encode of the event
-record and one EVALSHA of the same commit script with the same keys and arguments (epoch
-check included). Its client is plain redis-py, which packs commands in Python; repertory's
-client packs them with hiredis (`repertory.streams.client`).
+reader taking every partition's new messages in one XREADGROUP of up to `read_count` each
+(once a turn is free) into a queue per actor, a fixed set of handler tasks (the node's
+`plain_handling`) taking actors with messages waiting from one ready queue, whatever their
+partitions (serial within an actor, concurrent across actors), as the node does, activation by
+one EVALSHA of the node's activation script (`activate.lua`: the snapshot, or the first events
+of an actor without one) for the actors taken together on their first message, then per
+message one msgspec decode of the envelope, one msgspec encode of the event record and one
+EVALSHA of the same commit script with the same keys and arguments (epoch checks included)
+for the actors taken together. Its client is plain redis-py, which packs commands in Python;
+repertory's client packs them with hiredis (`repertory.streams.client`).
 
 With 100,000 actors every message activates an actor; the row "activated beforehand" has each
 actor handle one message off the clock first, which tells the cost of activating an actor from
@@ -73,10 +74,10 @@ from repertory.streams.eventstore import ACTIVATION_PAGE, EventStore
 from repertory.streams.inbox import MESSAGE_FIELD
 from repertory.streams.keys import Address, KeyLayout
 from repertory.streams.partition import (
-    ActorCommits,
     CommitStatus,
     GroupCommitResult,
     Partition,
+    PartitionCommits,
     SeenWindow,
 )
 from repertory.streams.scripts import ACTIVATE, ADD_MESSAGES, COMMIT
@@ -302,20 +303,22 @@ class Rig:
 
 class ObservedPartition(Partition):
     """A partition that reports each message it committed as soon as the script returns: the
-    latency rounds' "committed" instant, taken where the node's own commit call returns."""
+    latency rounds' "committed" instant, taken where the node's own commit call returns (every
+    commit goes through `commit_partitions`)."""
 
     def __init__(self, on_commit: OnCommit, *args: Any) -> None:
         super().__init__(*args)
         self.on_commit = on_commit
 
-    async def commit_many(
-        self, actors: Sequence[ActorCommits], **options: Any
+    async def commit_partitions(
+        self, parts: Sequence[PartitionCommits], **options: Any
     ) -> GroupCommitResult:
-        result = await super().commit_many(actors, **options)
+        result = await super().commit_partitions(parts, **options)
         if result.status is CommitStatus.COMMITTED:
-            for actor in actors:
-                for commit in actor.commits:
-                    self.on_commit(commit.dedupe_id)
+            for part in parts:
+                for actor in part.actors:
+                    for commit in actor.commits:
+                        self.on_commit(commit.dedupe_id)
         return result
 
 
@@ -415,6 +418,7 @@ class RawActor:
     """An actor of the raw runtime: the messages waiting for it and its state once loaded."""
 
     address: Address
+    partition: int
     keys: list[str]
     """Its event stream and its handled-message stream."""
     waiting: collections.deque[Delivery] = field(default_factory=collections.deque)
@@ -446,10 +450,21 @@ class RawNode:
         self.epoch = "1"
         self.actors: dict[str, RawActor] = {}
         self.stopping = False
-        self.ready: list[asyncio.Queue[RawActor | None]] = [
-            asyncio.Queue() for _ in range(PARTITIONS)
+        self.ready: asyncio.Queue[RawActor | None] = asyncio.Queue()
+        # As the node runs the counters' plain handlers: this many at once over all partitions.
+        self.handler_tasks = min(config.max_handling, config.plain_handling)
+        self.handling = asyncio.Semaphore(self.handler_tasks)
+        self.inboxes = [layout.inbox(KIND, number) for number in range(PARTITIONS)]
+        self.partition_keys = [
+            [
+                layout.inbox(KIND, number),
+                layout.seen(KIND, number),
+                layout.epoch(KIND, number),
+                layout.outbox(KIND, number),
+                layout.timers(KIND, number),
+            ]
+            for number in range(PARTITIONS)
         ]
-        self.handling = asyncio.Semaphore(min(config.max_handling, config.plain_handling))
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
         self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
@@ -470,42 +485,44 @@ class RawNode:
         layout = self.layout
         address = Address.parse(target)
         keys = [layout.events(address), layout.handled(address)]
-        return RawActor(address, keys)
+        return RawActor(address, layout.partition_of(address), keys)
 
-    async def read(self, number: int) -> None:
-        inbox = self.layout.inbox(KIND, number)
+    async def read(self) -> None:
+        """As the node reads: every partition's inbox in one XREADGROUP, once a turn is free,
+        the reply taken as the server sends it."""
+        streams = self.inboxes
         while not self.stopping:
-            async with self.handling:  # as the node reads: once a turn is free
+            async with self.handling:
                 pass
-            response = await self.client.xreadgroup(
-                self.group,
-                self.consumer,
-                {inbox: ">"},
-                count=self.config.read_count,
-                block=self.config.block_ms,
-            )
-            if not response:
-                continue
-            for entry_id, fields in response[0][1]:
-                data = fields[MESSAGE_FIELD]
-                envelope = self._decode(data)
-                actor = self.actors.get(envelope.target)
-                if actor is None:
-                    actor = self.actors[envelope.target] = self._actor(envelope.target)
-                actor.waiting.append((entry_id, data, envelope))
-                if not actor.held:
-                    actor.held = True
-                    self.ready[number].put_nowait(actor)
+            reply = await self.client.execute_command(
+                b"XREADGROUP", b"GROUP", self.group, self.consumer,
+                b"COUNT", self.config.read_count, b"BLOCK", self.config.block_ms,
+                b"STREAMS", *streams, *[b">"] * len(streams),
+            )  # fmt: skip
+            # A map of stream -> entries over RESP3 (redis-py 8's default), else pairs.
+            for _stream, entries in reply.items() if isinstance(reply, dict) else reply or []:
+                for entry_id, fields in entries:
+                    data = fields[1]  # fields == [b"m", envelope]
+                    envelope = self._decode(data)
+                    actor = self.actors.get(envelope.target)
+                    if actor is None:
+                        actor = self.actors[envelope.target] = self._actor(envelope.target)
+                    actor.waiting.append((entry_id, data, envelope))
+                    if not actor.held:
+                        actor.held = True
+                        self.ready.put_nowait(actor)
 
     async def activate(self, actors: list[RawActor]) -> None:
         """As the node does it: one call of the node's activation script for the actors taken
-        together, which returns each one's snapshot or, as here (the counters take none), its
-        first events (a new actor of these rounds has at most a few)."""
-        snapshots = self.layout.snapshots_of(actors[0].address)
-        keys = [actor.keys[0] for actor in actors]
+        together, whatever their partitions, which returns each one's snapshot or, as here
+        (the counters take none), its first events (a new actor of these rounds has at most a
+        few)."""
+        keys: list[str] = []
+        for actor in actors:
+            keys.extend((self.layout.snapshots_of(actor.address), actor.keys[0]))
         ids = [actor.address.id for actor in actors]
         activations = await self.client.evalsha(
-            ACTIVATE.sha, 1 + len(keys), snapshots, *keys, ACTIVATION_PAGE, *ids
+            ACTIVATE.sha, len(keys), *keys, ACTIVATION_PAGE, *ids
         )
         for actor, (_snapshot, entries) in zip(actors, activations, strict=True):
             for _entry_id, fields in entries:
@@ -514,19 +531,11 @@ class RawNode:
                 actor.version += 1
             actor.loaded = True
 
-    async def handle(self, number: int) -> None:
-        """A handler task of partition `number`: takes the next actor with messages waiting,
-        with the ones queued behind it (up to the node's `commit_actors`), and commits what
-        waits for them (up to `commit_batch` each) in one script call, as the node does."""
-        layout, client, encode, sha = self.layout, self.client, self._encode, self.commit_sha
-        ready = self.ready[number]
-        partition_keys = [
-            layout.inbox(KIND, number),
-            layout.seen(KIND, number),
-            layout.epoch(KIND, number),
-            layout.outbox(KIND, number),
-            layout.timers(KIND, number),
-        ]
+    async def handle(self) -> None:
+        """A handler task: takes the next actor with messages waiting, with the ones queued
+        behind it (up to the node's `commit_actors`), whatever their partitions, and commits
+        what waits for them (up to `commit_batch` each) in one script call, as the node does."""
+        client, encode, sha, ready = self.client, self._encode, self.commit_sha, self.ready
         while (first := await ready.get()) is not None:
             group = [first]
             async with self.handling:
@@ -540,39 +549,50 @@ class RawNode:
                 if inactive:
                     await self.activate(inactive)
                 now = _now_ms()
-                keys = list(partition_keys)
+                by_partition: dict[int, list[RawActor]] = {}
+                for actor in group:
+                    by_partition.setdefault(actor.partition, []).append(actor)
+                ordered = [actor for actors in by_partition.values() for actor in actors]
+                keys: list[str] = []
                 args: list[object] = [
-                    self.group, self.epoch, now, SEEN.window_ms, SEEN.limit, len(group)
-                ]  # fmt: skip
+                    self.group,
+                    now,
+                    SEEN.window_ms,
+                    SEEN.limit,
+                    len(by_partition),
+                ]
                 dedupe_ids = []
                 states = []
-                for actor in group:
-                    waiting = actor.waiting
-                    batch = [waiting.popleft() for _ in range(min(len(waiting), COMMIT_BATCH))]
-                    keys.extend(actor.keys)
-                    args.extend((actor.version, len(batch)))
-                    state = actor.state
-                    for entry_id, data, envelope in batch:
-                        event = Added(envelope.payload.amount)
-                        record = RawEventRecord(
-                            type=ADDED_TYPE,
-                            schema_version=1,
-                            payload=event,
-                            recorded_at=now,
-                            causation_id=envelope.id,
-                            correlation_id=envelope.id,
-                        )
-                        dedupe_id = envelope.idempotency_key or envelope.id
-                        dedupe_ids.append(dedupe_id)
-                        args.extend(
-                            (entry_id, dedupe_id, data, "", now, 1, encode(record), 0, 0, 0)
-                        )
-                        state = Count(state.count + 1, state.total + event.amount)
-                    states.append(state)
+                for number, actors in by_partition.items():
+                    keys.extend(self.partition_keys[number])
+                    args.extend((self.epoch, len(actors)))
+                    for actor in actors:
+                        waiting = actor.waiting
+                        batch = [waiting.popleft() for _ in range(min(len(waiting), COMMIT_BATCH))]
+                        keys.extend(actor.keys)
+                        args.extend((actor.version, len(batch)))
+                        state = actor.state
+                        for entry_id, data, envelope in batch:
+                            event = Added(envelope.payload.amount)
+                            record = RawEventRecord(
+                                type=ADDED_TYPE,
+                                schema_version=1,
+                                payload=event,
+                                recorded_at=now,
+                                causation_id=envelope.id,
+                                correlation_id=envelope.id,
+                            )
+                            dedupe_id = envelope.idempotency_key or envelope.id
+                            dedupe_ids.append(dedupe_id)
+                            args.extend(
+                                (entry_id, dedupe_id, data, "", now, 1, encode(record), 0, 0, 0)
+                            )
+                            state = Count(state.count + 1, state.total + event.amount)
+                        states.append(state)
                 status, *versions = await client.evalsha(sha, len(keys), *keys, *args)
             if status != 1:
-                raise RuntimeError(f"raw commit of partition {number}: status {status}")
-            for actor, state, version in zip(group, states, versions, strict=True):
+                raise RuntimeError(f"raw commit: status {status}")
+            for actor, state, version in zip(ordered, states, versions, strict=True):
                 actor.state, actor.version = state, int(version)
                 if actor.waiting:
                     ready.put_nowait(actor)
@@ -583,21 +603,15 @@ class RawNode:
                     self.on_commit(dedupe_id)
 
     async def run(self) -> None:
-        """Until `stopping`: the readers finish their blocking reads, then each handler task
-        takes a None and returns, so that no command is cancelled midway (cancelling 132
-        tasks that share 64 pooled connections could leave the round waiting for good)."""
-        # As the node runs the counters' plain handlers: this many at once over all partitions.
-        handler_tasks = min(self.config.max_handling, self.config.plain_handling)
+        """Until `stopping`: the reader finishes its blocking read, then each handler task
+        takes a None and returns, so that no command is cancelled midway (cancelling tasks
+        that share pooled connections could leave the round waiting for good)."""
         async with asyncio.TaskGroup() as tasks:
-            for number in range(PARTITIONS):
-                for _ in range(handler_tasks):
-                    tasks.create_task(self.handle(number))
-            async with asyncio.TaskGroup() as readers:
-                for number in range(PARTITIONS):
-                    readers.create_task(self.read(number))
-            for ready in self.ready:
-                for _ in range(handler_tasks):
-                    ready.put_nowait(None)
+            for _ in range(self.handler_tasks):
+                tasks.create_task(self.handle())
+            await self.read()
+            for _ in range(self.handler_tasks):
+                self.ready.put_nowait(None)
 
 
 def _raise_if_failed(task: "asyncio.Task[None]") -> None:

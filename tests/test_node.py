@@ -12,16 +12,23 @@ import msgspec
 import pytest
 
 from repertory.actors.model import Actor, Context, Rejected, applier, command
+from repertory.runtime import node as node_module
 from repertory.runtime.node import Node, NodeConfig, PartitionLost
 from repertory.runtime.system import ActorSystem, rebuild
 from repertory.runtime.testkit import SimulatedClock
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
 from repertory.streams.eventstore import EventStore
-from repertory.streams.inbox import Inbox, InboxEntry
+from repertory.streams.inbox import InboxEntry, read_inboxes
 from repertory.streams.keys import Address
-from repertory.streams.partition import ActorCommits, CommitStatus, GroupCommitResult, Partition
-from tests.support import eventually
+from repertory.streams.partition import (
+    ActorCommits,
+    CommitStatus,
+    GroupCommitResult,
+    Partition,
+    PartitionCommits,
+)
+from tests.support import eventually, is_cluster
 
 pytestmark = pytest.mark.anyio
 
@@ -109,18 +116,19 @@ async def node(system: ActorSystem) -> AsyncIterator[Node]:
 def record_commits(
     monkeypatch: pytest.MonkeyPatch, record: Callable[[Sequence[ActorCommits]], object]
 ) -> None:
-    """Tell `record` the actors of every script call that committed (`Partition.commit_many`)."""
-    commit_many = Partition.commit_many
+    """Tell `record` the actors of every script call that committed, over all its partitions
+    (`Partition.commit_partitions`, which every commit goes through)."""
+    commit_partitions = Partition.commit_partitions
 
     async def recorded(
-        self: Partition, actors: Sequence[ActorCommits], **options: Any
+        self: Partition, parts: Sequence[PartitionCommits], **options: Any
     ) -> GroupCommitResult:
-        result = await commit_many(self, actors, **options)
+        result = await commit_partitions(self, parts, **options)
         if result.status is CommitStatus.COMMITTED:
-            record(actors)
+            record([actor for part in parts for actor in part.actors])
         return result
 
-    monkeypatch.setattr(Partition, "commit_many", recorded)
+    monkeypatch.setattr(Partition, "commit_partitions", recorded)
 
 
 async def total_is(system: ActorSystem, actor: str, total: int) -> bool:
@@ -299,11 +307,12 @@ async def test_actors_taken_together_are_activated_in_one_round_trip(
         assert (view.version, view.state.deposits) == (len(everything), everything)
 
 
-async def test_a_partition_reads_again_once_a_turn_is_free(
+async def test_a_node_reads_again_once_a_turn_is_free(
     system: ActorSystem, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While every turn is taken, what arrives stays in the inbox and comes in one read once a
-    turn is free, instead of a read per message."""
+    """While every turn is taken, what arrives stays in the inboxes and comes in one read once
+    a turn is free, instead of a read per message, and one read takes every partition's (on a
+    Cluster, a read per partition)."""
     entered, release = anyio.Event(), anyio.Event()
 
     async def hold_the_turn(point: str, address: Address | None) -> None:
@@ -312,15 +321,14 @@ async def test_a_partition_reads_again_once_a_turn_is_free(
             await release.wait()
 
     reads: list[int] = []
-    read = Inbox.read
 
-    async def recorded(inbox: Inbox, consumer: str, **options: Any) -> list[InboxEntry]:
-        entries = await read(inbox, consumer, **options)
-        if entries:
-            reads.append(len(entries))
-        return entries
+    async def recorded(*args: Any, **options: Any) -> list[list[InboxEntry]]:
+        replies = await read_inboxes(*args, **options)
+        if any(replies):
+            reads.append(sum(len(entries) for entries in replies))
+        return replies
 
-    monkeypatch.setattr(Inbox, "read", recorded)
+    monkeypatch.setattr(node_module, "read_inboxes", recorded)
     running = Node(system, replace(FAST, plain_handling=1), faults=hold_the_turn)
     async with anyio.create_task_group() as group:
         await group.start(running.run)
@@ -335,8 +343,9 @@ async def test_a_partition_reads_again_once_a_turn_is_free(
             await eventually(partial(total_is, system, f"account/{actor}", 1))
         running.stop()
     assert sum(reads) == len(actors)
-    # A reader blocked in a read when the turn was taken brings one message more.
-    assert len(reads) <= 2 * system.keys.partitions_of("account")
+    # A read blocked when the turn was taken brings one message more.
+    reads_per_turn = system.keys.partitions_of("account") if is_cluster(system) else 1
+    assert len(reads) <= 2 * reads_per_turn
 
 
 @schema("test.node.wait")
@@ -381,21 +390,14 @@ async def test_async_handlers_of_different_actors_run_at_once_plain_ones_two_at_
     monkeypatch.setattr(Waiter, "expected", 12)
     monkeypatch.setattr(Waiter, "all_inside", anyio.Event(), raising=False)
     handling_plain: list[float] = []
-    commit_many = Partition.commit_many
-    commit = Partition.commit
+    commit_partitions = Partition.commit_partitions
 
-    async def counted_many(self: Partition, *args: Any, **options: Any) -> GroupCommitResult:
+    async def counted(self: Partition, *args: Any, **options: Any) -> GroupCommitResult:
         if self.kind == "account":
             handling_plain.append(running.plain_handling.borrowed_tokens)
-        return await commit_many(self, *args, **options)
+        return await commit_partitions(self, *args, **options)
 
-    async def counted(self: Partition, *args: Any, **options: Any) -> Any:
-        if self.kind == "account":
-            handling_plain.append(running.plain_handling.borrowed_tokens)
-        return await commit(self, *args, **options)
-
-    monkeypatch.setattr(Partition, "commit_many", counted_many)
-    monkeypatch.setattr(Partition, "commit", counted)
+    monkeypatch.setattr(Partition, "commit_partitions", counted)
     async with ActorSystem(Account(), Waiter(), partitions=4, client=redis) as system:
         for index in range(12):
             await system.send(f"waiter/w{index}", Wait())
@@ -640,39 +642,65 @@ async def test_a_partition_keeps_handling_while_its_actors_wait_out_retries(
         running.stop()
 
 
-async def test_a_handler_failing_as_its_session_ends_leaves_the_node_running(
-    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+async def test_a_handler_failing_as_its_partition_is_lost_leaves_the_node_running(
+    system: ActorSystem,
 ) -> None:
-    """A handler fails just after its partition's reader ended (the partition lost): no task
-    can stand in for it any more, and it gives its turn back all the same; the node takes
-    the partition up again and the message is handled."""
+    """A handler fails just as its partition is lost: no task stands in for it while it would
+    wait out its backoff, it gives its turn back all the same, and its message is left
+    pending; the node takes the partition up again and the message is handled."""
     target = Address("account", "late")
-    entered, reader_gone = anyio.Event(), anyio.Event()
+    key = ("account", system.keys.partition_of(target))
+    lost: list[PartitionLost] = []
 
-    async def fail_once_the_reader_is_gone(point: str, address: Address | None) -> None:
-        if point == "before-handle" and address == target and not reader_gone.is_set():
-            entered.set()
-            with anyio.CancelScope(shield=True):
-                await reader_gone.wait()
-            raise RuntimeError("failed as the session ended")
+    async def fail_as_the_partition_is_lost(point: str, address: Address | None) -> None:
+        if point == "before-handle" and address == target and not lost:
+            lost.append(PartitionLost("lost while handling"))
+            running.sessions[key].lose(lost[0])
+            raise RuntimeError("failed as the partition was lost")
 
-    read = Inbox.read
-
-    async def lose_the_partition(inbox: Inbox, consumer: str, **options: Any) -> Any:
-        ours = inbox.stream == system.keys.inbox_of(target)
-        if ours and entered.is_set() and not reader_gone.is_set():
-            reader_gone.set()
-            raise PartitionLost("lost while reading")
-        return await read(inbox, consumer, **options)
-
-    monkeypatch.setattr(Inbox, "read", lose_the_partition)
-    running = Node(system, FAST, faults=fail_once_the_reader_is_gone)
+    running = Node(system, FAST, faults=fail_as_the_partition_is_lost)
     async with anyio.create_task_group() as group:
         await group.start(running.run)
         await system.send(target, Deposit(1))
         await eventually(partial(total_is, system, str(target), 1))
         running.stop()
-    assert reader_gone.is_set()
+    assert lost
+    handled = await system.client.xlen(system.keys.handled(target))
+    assert handled == 1
+
+
+@pytest.mark.integration
+async def test_a_read_in_flight_when_the_partition_is_lost_loses_nothing(
+    real_redis: RedisClient,
+) -> None:
+    """The lease renewal finds the partition lost (here: the lease vanished, and the renewal
+    took it again under a new epoch) while a read that takes it blocks, and the node takes it
+    up again at once. What that read delivers afterwards goes to the lost session, which
+    leaves it pending; the next session, which claims what is pending when it starts, must
+    start only once that read is over, or the message would stay pending, unhandled."""
+    target = Address("account", "in-flight")
+    async with ActorSystem(Account(), partitions=1, client=real_redis) as system:
+        running = Node(system, replace(FAST, block_ms=2000))
+        async with anyio.create_task_group() as group:
+            await group.start(running.run)
+            runner = running.runners["account"]
+
+            async def reading() -> bool:
+                return bool(runner._reading)
+
+            await eventually(reading)  # the reader blocks on the inbox
+            lost = runner.members[0]
+            await system.client.delete(system.partition("account", 0).lease_key)
+
+            async def taken_up_again() -> bool:
+                # Joined: it has claimed what was pending when it started.
+                session = runner.members.get(0)
+                return session is not None and session is not lost
+
+            await eventually(taken_up_again)
+            await system.send(target, Deposit(1))
+            await eventually(partial(total_is, system, str(target), 1))
+            running.stop()
 
 
 async def test_unknown_message_types_are_dead_lettered(system: ActorSystem, node: Node) -> None:

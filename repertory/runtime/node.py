@@ -1,12 +1,22 @@
 """The node: owns partitions through leases, reads their inboxes, runs actors, commits.
 
-Per owned (kind, partition) a session runs a reader (XREADGROUP) that fills a bounded mailbox
-per active actor, a fixed set of handler tasks (and one standing in for each that waits out a
-retry's backoff) that take actors with messages waiting (one task per actor at a time: serial
-within an actor, concurrent across actors), a timer task, an outbox relay, a lease renewer and
-the passivation of idle actors. Each handled message ends in exactly one atomic commit script
-(events, handled message, outgoing messages, timers, dedupe id, XACK), or in the dead-letter
-stream after `max_deliveries` failed attempts.
+The node holds partitions through leases (`PartitionSession`, one per owned (kind,
+partition): the lease, the partition's timers and outbox relay, its actors' mailboxes and
+views). Reading and handling are shared by every partition of a kind the node holds
+(`KindRunner`): one read brings the new messages of all of them (on a Cluster, whose
+partitions live in slots of their own, each partition is read apart), a bounded mailbox per
+active actor takes its messages in order, and a fixed set of handler tasks take the actors
+with messages waiting, one task per actor at a time: serial within an actor, concurrent across
+actors. The actors a task takes together are activated in one round trip and committed in one
+script call, whatever partitions they belong to (one per partition on a Cluster); an actor
+whose message did not go through gets a task of its own, which retries it with backoff while
+the handler tasks go on. Each handled message ends in exactly one atomic commit (events,
+handled message, outgoing messages, timers, dedupe id, XACK), or in the dead-letter stream
+after `max_deliveries` failed attempts.
+
+A node spreads its work over partitions the way its peers would: with one node holding 16
+partitions, a message costs what it costs with one partition (one read and one commit per
+batch), not a read and a commit per partition in the batch.
 """
 
 import collections
@@ -24,6 +34,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -48,7 +59,7 @@ from repertory.runtime.system import (
 )
 from repertory.schemas import Envelope
 from repertory.schemas.errors import DecodeError, RepertoryError
-from repertory.streams.inbox import InboxEntry
+from repertory.streams.inbox import InboxEntry, read_inboxes
 from repertory.streams.keys import Address, KeyLayoutError
 from repertory.streams.membership import Membership
 from repertory.streams.partition import (
@@ -57,6 +68,7 @@ from repertory.streams.partition import (
     CommitResult,
     CommitStatus,
     Partition,
+    PartitionCommits,
     SeenWindow,
 )
 
@@ -79,9 +91,11 @@ def default_node_id() -> str:
 class NodeConfig:
     node_id: str = field(default_factory=default_node_id)
     read_count: int = 100
-    block_ms: int | None = 1000
+    block_ms: int | None = 100
     """How long a read blocks waiting for messages; None polls instead (every `poll_s`), for
-    servers or proxies without blocking reads."""
+    servers or proxies without blocking reads. One read takes every partition of a kind the
+    node holds, so a partition taken over while that read blocks is first read when it
+    returns: within `block_ms` (an idle node reads a kind ten times a second)."""
     poll_s: float = 0.02
     mailbox_size: int = 256
     max_in_flight: int = 1000
@@ -90,19 +104,19 @@ class NodeConfig:
     """Actors handling a message at the same time, over all partitions (keep it below the
     client's `max_connections`)."""
     plain_handling: int = 2
-    """Actors of kinds whose command handlers are plain functions (not `async def`) handling
-    at the same time, over all partitions. Such handlers wait on nothing but the node's own
-    round trips: two keep the process busy (one handles while the other commits), and the
-    actors that become ready meanwhile gather into group commits (see `commit_actors`)
-    instead of each taking a round trip of its own. Kinds with `async def` handlers share
-    `max_handling`."""
+    """Handler tasks of a kind whose command handlers are plain functions (not `async def`),
+    over all its partitions. Such handlers wait on nothing but the node's own round trips: two
+    keep the process busy (one handles while the other commits), and the actors that become
+    ready meanwhile gather into group commits (see `commit_actors`) instead of each taking a
+    round trip of its own. Kinds with `async def` handlers share `max_handling`."""
     commit_batch: int = 64
     """Messages of one actor waiting in its mailbox are handled in turn and committed together,
     up to this many per script call."""
     commit_actors: int = 32
     """Actors left waiting while every handler task was busy are taken together by the next
-    free one, up to this many, and what they handle is committed in one script call: under
-    load, fewer round trips per message; when idle, each actor gets a task at once."""
+    free one, up to this many, whatever partitions they belong to, and what they handle is
+    committed in one script call: under load, fewer round trips per message; when idle, each
+    actor gets a task at once."""
     lease_ttl_ms: int = 3000
     retry_base_s: float = 0.05
     retry_cap_s: float = 2.0
@@ -147,6 +161,8 @@ class _Mailbox:
     handles its messages one after another. Once none wait, it becomes an `_IdleActor`."""
 
     key: str
+    session: "PartitionSession"
+    """The partition the actor belongs to, as this node holds it."""
     view: ActorView | None = None
     waiting: collections.deque[_Delivery] = field(default_factory=collections.deque)
     held: bool = False
@@ -155,6 +171,9 @@ class _Mailbox:
     """Set when a message leaves a full mailbox: the reader waits for it."""
     address: Address | None = None
     """The actor, parsed from `key` (its messages' target) and checked once."""
+    careful: bool = False
+    """A message of it did not go through with the actors handled with it: it goes the
+    careful way, in a task of its own (see `KindRunner._care`)."""
 
 
 class _IdleActor(msgspec.Struct, frozen=True, gc=False):
@@ -177,6 +196,19 @@ class _Handled(msgspec.Struct, frozen=True, gc=False):
     reply: tuple[str, AskReply] | None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Part:
+    """An actor's part in a group commit: its place in the group, and what it handled."""
+
+    index: int
+    mailbox: _Mailbox
+    handled: list[_Handled]
+
+
+def _backoff(config: NodeConfig, attempt: int) -> float:
+    return float(min(config.retry_cap_s, config.retry_base_s * 2 ** (attempt - 1)))
+
+
 class Node:
     """Runs the actors of an `ActorSystem` until `stop()` (or cancellation)."""
 
@@ -196,6 +228,8 @@ class Node:
         self._stop_requested = anyio.Event()
         self.stopped = anyio.Event()
         self.sessions: dict[tuple[str, int], PartitionSession] = {}
+        self.runners: dict[str, KindRunner] = {}
+        """Per kind, what reads and handles the messages of its partitions (made by `run`)."""
         self.membership = Membership(system.client, system.keys)
         # Bounds the actors handling at once, across partitions, below the client's connection
         # pool: lease renewals and heartbeats must never wait behind a crowd of activations.
@@ -239,6 +273,9 @@ class Node:
                         group.start_soon(self._keep_partition, kind, number)
                 all_done.set()
 
+            self.runners = {kind: KindRunner(self, kind) for kind in self.system.actors}
+            for runner in self.runners.values():
+                outer.start_soon(runner.run)
             outer.start_soon(self._heartbeat)
             outer.start_soon(serve_partitions)
             task_status.started()
@@ -305,7 +342,8 @@ class Node:
                 continue
             seen_free = 0
             held_until_ms = asked_at + self.config.lease_ttl_ms
-            session = PartitionSession(self, partition, epoch, held_until_ms=held_until_ms)
+            runner = self.runners[kind]
+            session = PartitionSession(runner, partition, epoch, held_until_ms=held_until_ms)
             self.sessions[(kind, number)] = session
             try:
                 await session.run()
@@ -327,28 +365,33 @@ class Node:
             group.cancel_scope.cancel()
 
 
-class PartitionSession:
-    """One owned (kind, partition) for as long as the lease holds."""
+class KindRunner:
+    """Reads and handles the messages of one actor kind for every partition of it the node
+    holds (its member sessions).
 
-    def __init__(self, node: Node, partition: Partition, epoch: int, *, held_until_ms: int) -> None:
+    One read takes the new messages of every member whose lease surely holds; on a Cluster,
+    where no command reaches two partitions' slots, each member has a reader of its own. The
+    handler tasks take the actors with messages waiting, whatever their partitions, and commit
+    what the actors they took together handled in one script call (one per partition on a
+    Cluster). A member lost meanwhile (fenced) is dropped: its messages in hand are left
+    pending, for the partition's next owner."""
+
+    def __init__(self, node: Node, kind: str) -> None:
         self.node = node
-        self.partition = partition
-        self.epoch = epoch
-        self.held_until_ms = held_until_ms
-        """Until when the lease surely holds, by the node's clock: it was taken or renewed by
-        a call made `lease_ttl_ms` before."""
-        self._renewed = anyio.Event()
+        self.kind = kind
         self.system = node.system
         self.config = node.config
-        self.actor: Actor[Any] = node.system.actors[partition.kind]
-        self._target_prefix = f"{partition.kind}/"
-        """How the targets of this partition's actors begin (the kind is checked already)."""
+        self.actor: Actor[Any] = node.system.actors[kind]
         self.handling = node.handling if self.actor.handlers_await else node.plain_handling
-        """What this partition's handler tasks (one per token) take while they handle."""
-        self.mailboxes: dict[str, _Mailbox] = {}
-        """The actors with messages waiting or in hand (an actor is here or in `idle`)."""
-        self.idle: dict[str, _IdleActor] = {}
-        """The actors with none, and their views: least recently used first."""
+        """What the handler tasks (one per token) take while they handle."""
+        self.members: dict[int, PartitionSession] = {}
+        """The sessions read, by partition number (a session joins once it has resumed)."""
+        self._changed = anyio.Event()
+        """Set when members join or leave or a member's lease is renewed: the reader looks
+        again at what it may read."""
+        self._reading: set[PartitionSession] = set()
+        """The members the read in flight takes entries for."""
+        self._read_done = anyio.Event()
         self._ready, self._ready_receive = anyio.create_memory_object_stream[list[_Mailbox]](
             math.inf
         )
@@ -356,19 +399,352 @@ class PartitionSession:
         """Actors given their first waiting message by the read in progress, not yet handed
         out (see `_hand_out`)."""
         self._idle_handlers = 0
-        self._handlers: TaskGroup
-        """The handler tasks, and those standing in for ones waiting out a backoff."""
-        self._backing_off = 0
-        self._standing_in = 0
+        self._tasks: TaskGroup
+        """The readers, the handler tasks, and the tasks of actors on the careful path."""
+        self._one_read = not isinstance(node.system.client, RedisCluster)
+        """Whether one read and one commit reach every member's keys (not on a Cluster)."""
+
+    async def run(self) -> None:
+        """Until cancelled (the node cancels it once every session is done)."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            with self._ready_receive:
+                for _ in range(round(self.handling.total_tokens)):
+                    tasks.start_soon(self._handle_mailboxes, self._ready_receive.clone())
+                if self._one_read:
+                    tasks.start_soon(self._read, None)
+                await anyio.sleep_forever()
+
+    def join(self, session: "PartitionSession") -> None:
+        """Read `session`'s partition from now on."""
+        self.members[session.partition.number] = session
+        if not self._one_read:
+            self._tasks.start_soon(self._read, session)
+        self.poke()
+
+    def drop(self, session: "PartitionSession") -> None:
+        """Read `session`'s partition no more (a read in flight may still bring entries)."""
+        if self.members.get(session.partition.number) is session:
+            del self.members[session.partition.number]
+            self.poke()
+
+    async def leave(self, session: "PartitionSession") -> None:
+        """Read `session`'s partition no more, and return once no read in flight takes entries
+        for it: every entry read for it is in its mailboxes (or left pending, if it stops)."""
+        self.drop(session)
+        while session in self._reading:
+            await self._read_done.wait()
+
+    def poke(self) -> None:
+        """Wake the reader to look again at what it may read."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # Reading and routing.
+
+    async def _read(self, own: "PartitionSession | None") -> None:
+        """Read the members' inboxes (`own`'s alone, on a Cluster, as long as it is a member)
+        and route what each read brings to their mailboxes, once a turn is free."""
+        node, config = self.node, self.config
+        client, group = self.system.client, self.system.keys.group(self.kind)
+        failures = 0
+        while own is None or self.members.get(own.partition.number) is own:
+            changed = self._changed
+            sessions = self._readable(own)
+            if not sessions:
+                await changed.wait()
+                continue
+            await self._turn_free()
+            sessions = self._readable(own)  # as they are now, after the wait for a turn
+            if not sessions:
+                continue
+            self._reading.update(sessions)
+            try:
+                replies = await read_inboxes(
+                    client,
+                    group,
+                    node.node_id,
+                    [session.partition.inbox.stream for session in sessions],
+                    count=config.read_count,
+                    block_ms=config.block_ms,
+                )
+                failures = 0
+                for session, entries in zip(sessions, replies, strict=True):
+                    if entries:
+                        await session._dispatch(entries)
+                self._hand_out()
+            except INFRASTRUCTURE_ERRORS as error:
+                failures += 1
+                logger.warning("reading %s failed (%s); retrying", self.kind, error)
+                replies = []
+            finally:
+                self._reading.difference_update(sessions)
+                self._read_done.set()
+                self._read_done = anyio.Event()
+            if failures:
+                await anyio.sleep(_backoff(config, failures))
+            elif not any(replies) and config.block_ms is None:
+                await anyio.sleep(config.poll_s)
+
+    def _readable(self, own: "PartitionSession | None") -> "list[PartitionSession]":
+        """The members to read now: those whose lease surely holds for one more read."""
+        candidates = list(self.members.values()) if own is None else [own]
+        now_ms = self.node.clock.now_ms()
+        return [session for session in candidates if session.lease_holds(now_ms)]
+
+    async def _turn_free(self) -> None:
+        """Wait until a turn is free: reading then, under load, brings what arrived while every
+        turn was taken in one read instead of a read each (idle, a turn is free at once)."""
+        async with self.handling:
+            pass
+
+    def _hand_out(self) -> None:
+        """Queue the actors the read gave messages to for the handler tasks, shared out among
+        the idle ones: several actors per task (committed together) only when there are more
+        actors than idle tasks."""
+        ready = self._newly_ready
+        if not ready:
+            return
+        self._newly_ready = []
+        size = min(self.config.commit_actors, -(-len(ready) // max(1, self._idle_handlers)))
+        for start in range(0, len(ready), size):
+            try:
+                self._ready.send_nowait(ready[start : start + size])
+            except anyio.BrokenResourceError:
+                # The handler tasks are gone: the node is being torn down (cancelled) and the
+                # reader with it; the entries stay pending for the partitions' next owners.
+                return
+
+    # Handling.
+
+    async def _handle_mailboxes(self, ready: MemoryObjectReceiveStream[list[_Mailbox]]) -> None:
+        """One of the handler tasks: takes the next actors handed out (and those queued behind
+        them, up to `commit_actors`), handles up to `commit_batch` messages of each, commits
+        them together, and puts back in line those for which more wait. An actor with a
+        message that did not go through gets a task of its own for the careful path (`_care`):
+        its retries and their backoffs hold up no other actor."""
+        with ready:
+            while True:
+                self._idle_handlers += 1
+                try:
+                    group = await ready.receive()
+                except anyio.EndOfStream:
+                    return
+                finally:
+                    self._idle_handlers -= 1
+                async with self.handling:
+                    # The actors handed out while this task waited for its turn join it.
+                    while len(group) < self.config.commit_actors:
+                        try:
+                            group += ready.receive_nowait()
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    batches = [mailbox.session._take(mailbox) for mailbox in group]
+                    try:
+                        await self._process_group(group, batches)
+                    finally:
+                        for mailbox, batch in zip(group, batches, strict=True):
+                            mailbox.session._settled(len(batch))
+                now_ms = self.node.clock.now_ms()
+                for mailbox in group:
+                    if mailbox.careful:
+                        self._tasks.start_soon(self._care, mailbox)
+                    else:
+                        mailbox.session._release(mailbox, now_ms)
+
+    async def _process_group(self, group: list[_Mailbox], batches: list[list[_Delivery]]) -> None:
+        """Handle each actor's batch up to its first failure and commit what went through in
+        one script call. What was not committed goes back to the front of its actor's mailbox
+        (out of its batch), and the actor is marked for the careful path."""
+        await self._activate(group, batches)
+        handled_all = [
+            []
+            if mailbox.session.lost
+            else await mailbox.session._handle_until_failure(mailbox, batch)
+            for mailbox, batch in zip(group, batches, strict=True)
+        ]
+        committed = await self._commit_group(group, handled_all)
+        for mailbox, batch, handled, ok in zip(group, batches, handled_all, committed, strict=True):
+            kept = len(handled) if ok else 0
+            if kept < len(batch):
+                mailbox.waiting.extendleft(reversed(batch[kept:]))
+                del batch[kept:]
+                mailbox.careful = True
+
+    async def _care(self, mailbox: _Mailbox) -> None:
+        """The careful path of an actor whose messages did not all go through with the others:
+        one message at a time where needed, retried with backoff (without a turn while it
+        waits), then dead-lettered, as `PartitionSession._process_actor` does. A partition lost
+        meanwhile leaves its messages pending."""
+        session = mailbox.session
+        finished = False
+        async with self.handling:
+            batch = session._take(mailbox)
+            try:
+                if session.lost is None:
+                    finished = await session._process_actor(mailbox, batch)
+            except PartitionLost as lost:
+                session.lose(lost)
+            finally:
+                session._settled(len(batch))
+        if not finished:
+            # Stopping, and a message was left pending: the ones after it wait for the next
+            # owner too, so that they stay behind it.
+            session._settled(len(mailbox.waiting))
+            mailbox.waiting.clear()
+        mailbox.careful = False
+        session._release(mailbox, self.node.clock.now_ms())
+
+    async def _activate(self, group: list[_Mailbox], batches: list[list[_Delivery]]) -> None:
+        """Rebuild the views of the actors in `group` that have none in one round trip for all
+        those that are new or have a short log, instead of one each. An actor left without a
+        view (it cannot be rebuilt, or Redis failed) is rebuilt on its own when handled, where
+        failures are retried and reported."""
+        inactive: list[tuple[_Mailbox, Address]] = []
+        for mailbox, batch in zip(group, batches, strict=True):
+            envelope = batch[0].envelope if batch else None
+            if mailbox.view is None and envelope is not None and not mailbox.session.lost:
+                try:
+                    inactive.append((mailbox, mailbox.session._address_of(mailbox, envelope)))
+                except (KeyLayoutError, UnknownKindError):
+                    continue
+        if len(inactive) < 2:
+            return  # no round trip to save
+        try:
+            views = await rebuild_many(
+                self.system.store, self.actor, [address for _, address in inactive]
+            )
+        except Exception as error:
+            logger.debug("activating %d actors at once failed: %r", len(inactive), error)
+            return
+        for (mailbox, _), view in zip(inactive, views, strict=True):
+            if isinstance(view, ActorView):
+                mailbox.view = view
+
+    async def _commit_group(
+        self, group: list[_Mailbox], handled_all: list[list[_Handled]]
+    ) -> list[bool]:
+        """Commit what several actors handled, in one script call (one per partition on a
+        Cluster). Per actor: whether what it handled was committed. An actor with a version
+        conflict or a message handled before is left out (for the careful path) and the others
+        committed again; so is every actor of a partition lost meanwhile. Redis unavailable:
+        nothing is committed, and the views are forgotten."""
+        committed = [False] * len(group)
+        parts = [
+            _Part(index, mailbox, handled)
+            for index, (mailbox, handled) in enumerate(zip(group, handled_all, strict=True))
+            if handled and not mailbox.session.lost
+        ]
+        if self._one_read:
+            units = [parts] if parts else []
+        else:
+            by_session: dict[PartitionSession, list[_Part]] = {}
+            for part in parts:
+                by_session.setdefault(part.mailbox.session, []).append(part)
+            units = list(by_session.values())
+        for unit in units:
+            while unit:
+                left_out = await self._commit_unit(unit)
+                if left_out is None:  # Redis unavailable: the careful path retries
+                    for part in unit:
+                        part.mailbox.view = None
+                    break
+                if not left_out:
+                    for part in unit:
+                        committed[part.index] = True
+                        session = part.mailbox.session
+                        if session._committed(part.mailbox, part.handled):
+                            await session._follow_up(part.handled)
+                    break
+                unit = [part for part in unit if part not in left_out]
+        return committed
+
+    async def _commit_unit(self, unit: list["_Part"]) -> list["_Part"] | None:
+        """Commit `unit` in one script call. Returns None if Redis failed, no part if it was
+        committed, else the parts to leave out before trying again (nothing was written): the
+        one with a version conflict or a message handled before, or every part of a partition
+        found lost."""
+        faults = self.node.faults
+        sessions: dict[PartitionSession, list[ActorCommits]] = {}
+        for part in unit:
+            view = part.mailbox.view
+            assert view is not None
+            address = part.handled[0].address
+            if faults is not None:
+                await faults("before-commit", address)
+            commits = [item.commit for item in part.handled]
+            actors = sessions.setdefault(part.mailbox.session, [])
+            actors.append(ActorCommits(address, view.version, commits))
+        calls = [PartitionCommits(s.partition, s.epoch, actors) for s, actors in sessions.items()]
+        try:
+            result = await calls[0].partition.commit_partitions(
+                calls, now_ms=self.node.clock.now_ms(), seen=self.config.seen
+            )
+        except INFRASTRUCTURE_ERRORS:
+            return None
+        if faults is not None:
+            for part in unit:
+                await faults("after-commit", part.handled[0].address)
+        if result.status is CommitStatus.COMMITTED:
+            return []
+        ordered = [part for session in sessions for part in unit if part.mailbox.session is session]
+        if result.status is CommitStatus.FENCED:
+            assert result.partition is not None
+            lost = list(sessions)[result.partition]
+            lost.lose(PartitionLost(f"{lost.partition} moved to another node"))
+            return [part for part in unit if part.mailbox.session is lost]
+        assert result.actor is not None
+        concerned = ordered[result.actor]  # the call's actors, in the order of `calls`
+        if result.status is CommitStatus.CONFLICT:
+            concerned.mailbox.view = None
+        return [concerned]
+
+
+class PartitionSession:
+    """One owned (kind, partition) for as long as the lease holds: the lease, the partition's
+    timers and outbox relay, and its actors (mailboxes and views). Its kind's runner reads and
+    handles its messages."""
+
+    def __init__(
+        self, runner: KindRunner, partition: Partition, epoch: int, *, held_until_ms: int
+    ) -> None:
+        self.runner = runner
+        self.node = runner.node
+        self.partition = partition
+        self.epoch = epoch
+        self.held_until_ms = held_until_ms
+        """Until when the lease surely holds, by the node's clock: it was taken or renewed by
+        a call made `lease_ttl_ms` before."""
+        self.system = runner.system
+        self.config = runner.config
+        self.actor = runner.actor
+        self._target_prefix = f"{partition.kind}/"
+        """How the targets of this partition's actors begin (the kind is checked already)."""
+        self.mailboxes: dict[str, _Mailbox] = {}
+        """The actors with messages waiting or in hand (an actor is here or in `idle`)."""
+        self.idle: dict[str, _IdleActor] = {}
+        """The actors with none, and their views: least recently used first."""
         self._drained = anyio.Event()
         self._timers_changed = anyio.Event()
         self._outbox_changed = anyio.Event()
         self.stopping = False
+        self.lost: PartitionLost | None = None
+        """Why the partition was lost, once it was: nothing more is committed for it."""
         self._stop_requested = anyio.Event()
         self._in_flight = 0
         """Messages handed to mailboxes and not settled yet (see `max_in_flight`)."""
         self._in_flight_fell: anyio.Event | None = None
         """Set when messages settle while the reader waits for `_in_flight` to fall."""
+
+    def lease_holds(self, now_ms: int) -> bool:
+        """Whether the lease surely holds for one more read (a blocking read's wait included),
+        unless the session is stopping. A node that stood still past its lease (a pause, a
+        stalled event loop) must not take new entries into its pending list once it wakes:
+        the node that took the partition over claimed the pending entries when it started,
+        not later ones; they would stay there, unhandled. The renewal that finds the lease
+        lost ends the session."""
+        margin_ms = min(self.config.block_ms or 0, self.config.lease_ttl_ms // 3)
+        return not self.stopping and now_ms + margin_ms < self.held_until_ms
 
     def stop(self) -> None:
         """Hand the partition over: stop reading, finish the messages in hand, release."""
@@ -377,63 +753,55 @@ class PartitionSession:
         self._timers_changed.set()
         self._outbox_changed.set()
 
+    def lose(self, reason: PartitionLost) -> None:
+        """The partition moved to another node: stop reading it and committing for it at once;
+        its messages in hand are left pending for the new owner."""
+        if self.lost is not None:
+            return
+        self.lost = reason
+        self.stop()
+        self.runner.drop(self)
+        # The reader may wait for room here: it leaves its entries pending instead.
+        if self._in_flight_fell is not None:
+            self._in_flight_fell.set()
+        for mailbox in self.mailboxes.values():
+            if mailbox.room is not None:
+                mailbox.room.set()
+
     async def sleep_unless_stopping(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
             await self._stop_requested.wait()
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as services:
-            services.start_soon(self._renew_lease)
-            services.start_soon(self._fire_timers)
-            services.start_soon(self._relay_outbox)
-            services.start_soon(self._passivate)
-            async with anyio.create_task_group() as handlers:
-                self._handlers = handlers
-                with self._ready_receive:
-                    for _ in range(round(self.handling.total_tokens)):
-                        handlers.start_soon(self._handle_mailboxes, self._ready_receive.clone())
-                    await self._read()
+        """Serve the partition until stopped (then hand it over: release the lease once its
+        messages in hand are done) or lost (raise PartitionLost)."""
+        handed_over = False
+        try:
+            async with anyio.create_task_group() as services:
+                services.start_soon(self._renew_lease)
+                services.start_soon(self._fire_timers)
+                services.start_soon(self._relay_outbox)
+                services.start_soon(self._passivate)
+                await self._resume()
+                self.runner.join(self)
+                await self._stop_requested.wait()
+                await self.runner.leave(self)
+                if self.lost is not None:
+                    raise self.lost
                 await self._wait_drained()
-                # Only now: on a failure or a cancellation the handler tasks are cancelled
-                # instead, and one finishing a message must still find the line open.
-                self._ready.close()
-            services.cancel_scope.cancel()
+                handed_over = True
+                services.cancel_scope.cancel()
+        finally:
+            if not handed_over:
+                self.lose(self.lost or PartitionLost(f"{self.partition} is no longer served"))
+                # The partition's next session on this node claims what is pending when it
+                # starts: what a read in flight delivers for this one (left pending) must be
+                # there by then, or it would stay pending, unhandled.
+                with anyio.CancelScope(shield=True):
+                    await self.runner.leave(self)
         await self.partition.release(self.node.node_id)
 
-    # Reading and routing.
-
-    async def _read(self) -> None:
-        await self._resume()
-        inbox = self.partition.inbox
-        failures = 0
-        while not self.stopping:
-            await self._hold_lease()
-            if not await self._turn_free():
-                break
-            try:
-                entries = await inbox.read(
-                    self.node.node_id,
-                    count=self.config.read_count,
-                    block_ms=self.config.block_ms,
-                )
-                failures = 0
-            except INFRASTRUCTURE_ERRORS as error:
-                failures += 1
-                logger.warning("reading %s failed (%s); retrying", self.partition, error)
-                await self.sleep_unless_stopping(self._backoff(failures))
-                continue
-            await self._dispatch(entries)
-            self._hand_out()
-            if not entries and self.config.block_ms is None:
-                await self.sleep_unless_stopping(self.config.poll_s)
-
-    async def _turn_free(self) -> bool:
-        """Wait until a turn is free; False if the session began stopping meanwhile. Reading
-        then, under load, brings what arrived while every turn was taken in one read instead
-        of a read each (idle, a turn is free at once)."""
-        async with self.handling:
-            pass
-        return not self.stopping
+    # Routing.
 
     async def _resume(self) -> None:
         """Everything pending in this partition's group is ours now that we hold the lease:
@@ -453,7 +821,7 @@ class PartitionSession:
                     )
                 }
                 await self._dispatch(claimed.entries, counts)
-                self._hand_out()
+                self.runner._hand_out()
             start = claimed.next_start
             if start in (b"0-0", "0-0"):
                 return
@@ -468,8 +836,8 @@ class PartitionSession:
         for entry in entries:
             # Back-pressure: the reader waits while this many messages are in the mailboxes.
             if self._in_flight >= max_in_flight:
-                self._hand_out()  # what it waits for may be waiting for those
-                while self._in_flight >= max_in_flight:
+                self.runner._hand_out()  # what it waits for may be waiting for those
+                while self._in_flight >= max_in_flight and self.lost is None:
                     self._in_flight_fell = anyio.Event()
                     await self._in_flight_fell.wait()
                 self._in_flight_fell = None
@@ -492,73 +860,22 @@ class PartitionSession:
             mailbox = self.mailboxes.get(key)
             if mailbox is None:
                 idle = self.idle.pop(key, None)
-                mailbox = self.mailboxes[key] = _Mailbox(key, None if idle is None else idle.view)
-            while len(mailbox.waiting) >= mailbox_size:
-                self._hand_out()
+                view = None if idle is None else idle.view
+                mailbox = self.mailboxes[key] = _Mailbox(key, self, view)
+            while len(mailbox.waiting) >= mailbox_size and self.lost is None:
+                self.runner._hand_out()
                 # While the reader waits here the mailbox stays (see `_release`).
                 mailbox.room = anyio.Event()
                 await mailbox.room.wait()
                 mailbox.room = None
+            if len(mailbox.waiting) >= mailbox_size:
+                self._settled(1)
+                continue  # lost while the reader waited: left pending
             count = 1 if deliveries is None else deliveries.get(entry.id, 1)
             mailbox.waiting.append(_Delivery(entry.id, data, count, envelope, error))
             if not mailbox.held:
                 mailbox.held = True
-                self._newly_ready.append(mailbox)
-
-    def _hand_out(self) -> None:
-        """Queue the actors the read gave messages to for the handler tasks, shared out among
-        the idle ones: several actors per task (committed together) only when there are more
-        actors than idle tasks."""
-        ready = self._newly_ready
-        if not ready:
-            return
-        self._newly_ready = []
-        size = min(self.config.commit_actors, -(-len(ready) // max(1, self._idle_handlers)))
-        for start in range(0, len(ready), size):
-            try:
-                self._ready.send_nowait(ready[start : start + size])
-            except anyio.BrokenResourceError:
-                # The handler tasks are gone: the session is being torn down (cancelled) and
-                # the reader with it; the entries stay pending for the partition's next owner.
-                return
-
-    async def _handle_mailboxes(
-        self, ready: MemoryObjectReceiveStream[list[_Mailbox]], *, standing_in: bool = False
-    ) -> None:
-        """One of the partition's handler tasks: takes the next actors handed out (and those
-        queued behind them, up to `commit_actors`), handles up to `commit_batch` messages of
-        each, and puts back in line those for which more wait. One `standing_in` for a task
-        waiting out a backoff ends once fewer tasks wait than stand in."""
-        with ready:
-            while not standing_in or self._standing_in <= self._backing_off:
-                self._idle_handlers += 1
-                try:
-                    group = await ready.receive()
-                except anyio.EndOfStream:
-                    return
-                finally:
-                    self._idle_handlers -= 1
-                async with self.handling:
-                    # The actors handed out while this task waited for its turn join it.
-                    while len(group) < self.config.commit_actors:
-                        try:
-                            group += ready.receive_nowait()
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    batches = [self._take(mailbox) for mailbox in group]
-                    done: list[bool] = []
-                    try:
-                        done = await self._process_group(group, batches)
-                    finally:
-                        self._settled(sum(len(batch) for batch in batches))
-                now_ms = self.node.clock.now_ms()
-                for mailbox, finished in zip(group, done, strict=True):
-                    if not finished:
-                        # Stopping, and a message was left pending: the ones after it wait for
-                        # the next owner too, so that they stay behind it.
-                        self._settled(len(mailbox.waiting))
-                        mailbox.waiting.clear()
-                    self._release(mailbox, now_ms)
+                self.runner._newly_ready.append(mailbox)
 
     def _take(self, mailbox: _Mailbox) -> list[_Delivery]:
         """The next messages of `mailbox` to handle, up to `commit_batch`."""
@@ -572,7 +889,7 @@ class PartitionSession:
         """A handler task is done with `mailbox`: back in line if messages wait, else idle
         (last used at `now_ms`)."""
         if mailbox.waiting:
-            self._ready.send_nowait([mailbox])
+            self.runner._ready.send_nowait([mailbox])
             return
         mailbox.held = False
         if mailbox.room is not None:
@@ -610,53 +927,7 @@ class PartitionSession:
             for key in forgotten:
                 del self.idle[key]
 
-    # Handling.
-
-    async def _process_group(
-        self, group: list[_Mailbox], batches: list[list[_Delivery]]
-    ) -> list[bool]:
-        """Handle each actor's batch; commit them all in one script call when every one goes
-        through, else each actor's the careful way (`_process_actor`). Per actor: True when
-        all its messages were committed or dead-lettered (see `_process`)."""
-        await self._activate(group, batches)
-        if len(group) == 1:
-            return [await self._process_actor(group[0], batches[0])]
-        handled_all = [
-            await self._handle_until_failure(mailbox, batch)
-            for mailbox, batch in zip(group, batches, strict=True)
-        ]
-        committed = await self._commit_group(group, handled_all)
-        done: list[bool] = []
-        for mailbox, batch, handled in zip(group, batches, handled_all, strict=True):
-            rest = batch[len(handled) :] if committed else batch
-            done.append(await self._process_actor(mailbox, rest) if rest else True)
-        return done
-
-    async def _activate(self, group: list[_Mailbox], batches: list[list[_Delivery]]) -> None:
-        """Rebuild the views of the actors in `group` that have none in one round trip for all
-        those that are new or have a short log, instead of one each. An actor left without a
-        view (it cannot be rebuilt, or Redis failed) is rebuilt on its own when handled, where
-        failures are retried and reported."""
-        inactive: list[tuple[_Mailbox, Address]] = []
-        for mailbox, batch in zip(group, batches, strict=True):
-            envelope = batch[0].envelope if batch else None
-            if mailbox.view is None and envelope is not None:
-                try:
-                    inactive.append((mailbox, self._address_of(mailbox, envelope)))
-                except (KeyLayoutError, UnknownKindError):
-                    continue
-        if len(inactive) < 2:
-            return  # no round trip to save
-        try:
-            views = await rebuild_many(
-                self.system.store, self.actor, [address for _, address in inactive]
-            )
-        except Exception as error:
-            logger.debug("activating %d actors at once failed: %r", len(inactive), error)
-            return
-        for (mailbox, _), view in zip(inactive, views, strict=True):
-            if isinstance(view, ActorView):
-                mailbox.view = view
+    # Handling, one actor at a time (the careful path).
 
     async def _process_actor(self, mailbox: _Mailbox, batch: list[_Delivery]) -> bool:
         if len(batch) == 1:
@@ -683,8 +954,7 @@ class PartitionSession:
                     return False
                 failures += 1
                 logger.warning("redis unavailable (%s); retrying", error)
-                # No task stands in: the partition's other actors would meet Redis down too.
-                await self._wait_without_turn(self._backoff(failures), stand_in=False)
+                await self._wait_without_turn(_backoff(self.config, failures))
             except PartitionLost:
                 raise
             except Exception as error:
@@ -695,7 +965,7 @@ class PartitionSession:
                 logger.info(
                     "attempt %d of %s failed: %r", attempts, delivery.entry_id.decode(), error
                 )
-                await self._wait_without_turn(self._backoff(attempts), stand_in=True)
+                await self._wait_without_turn(_backoff(self.config, attempts))
                 attempts += 1
                 await self.partition.inbox.set_deliveries(
                     self.node.node_id, delivery.entry_id, attempts
@@ -703,41 +973,16 @@ class PartitionSession:
                 if self.stopping:
                     return False
 
-    async def _wait_without_turn(self, seconds: float, *, stand_in: bool) -> None:
-        """Wait before a retry without holding a turn: other actors handle meanwhile. With
-        `stand_in`, without holding up the partition's handler task either: another task
-        stands in for this one while it waits."""
-        self.handling.release()
+    async def _wait_without_turn(self, seconds: float) -> None:
+        """Wait before a retry without holding a turn: other actors handle meanwhile."""
+        handling = self.runner.handling
+        handling.release()
         try:
-            if stand_in:
-                self._backing_off += 1
-                self._stand_in_if_needed()
             await self.sleep_unless_stopping(seconds)
         finally:
-            if stand_in:
-                self._backing_off -= 1
             # Taken back even when cancelled: the turn is given back on the way out.
             with anyio.CancelScope(shield=True):
-                await self.handling.acquire()
-
-    def _stand_in_if_needed(self) -> None:
-        if self._standing_in >= self._backing_off or self.stopping:
-            return
-        try:
-            ready = self._ready_receive.clone()
-        except anyio.ClosedResourceError:
-            return  # the reader is gone (it failed): the session is ending
-        self._standing_in += 1
-        self._handlers.start_soon(self._stand_in, ready)
-
-    async def _stand_in(self, ready: MemoryObjectReceiveStream[list[_Mailbox]]) -> None:
-        try:
-            await self._handle_mailboxes(ready, standing_in=True)
-        finally:
-            self._standing_in -= 1
-
-    def _backoff(self, attempt: int) -> float:
-        return float(min(self.config.retry_cap_s, self.config.retry_base_s * 2 ** (attempt - 1)))
+                await handling.acquire()
 
     async def _handle_once(self, mailbox: _Mailbox, delivery: _Delivery) -> None:
         """Handle and commit one message (the careful path, with retries around it)."""
@@ -980,48 +1225,6 @@ class PartitionSession:
             await self._follow_up(handled)
         return result
 
-    async def _commit_group(self, group: list[_Mailbox], handled_all: list[list[_Handled]]) -> bool:
-        """Commit what several actors handled in one script call; False when nothing was
-        written (a conflict, a message handled before, Redis unavailable)."""
-        parts = [
-            (mailbox, handled)
-            for mailbox, handled in zip(group, handled_all, strict=True)
-            if handled
-        ]
-        if not parts:
-            return True
-        faults = self.node.faults
-        actors: list[ActorCommits] = []
-        for mailbox, handled in parts:
-            assert mailbox.view is not None
-            address = handled[0].address
-            if faults is not None:
-                await faults("before-commit", address)
-            commits = [item.commit for item in handled]
-            actors.append(ActorCommits(address, mailbox.view.version, commits))
-        try:
-            result = await self.partition.commit_many(
-                actors, epoch=self.epoch, now_ms=self.node.clock.now_ms(), seen=self.config.seen
-            )
-        except INFRASTRUCTURE_ERRORS:
-            for mailbox, _ in parts:
-                mailbox.view = None
-            return False
-        if faults is not None:
-            for _, handled in parts:
-                await faults("after-commit", handled[0].address)
-        if result.status is CommitStatus.FENCED:
-            raise PartitionLost(f"{self.partition} moved to another node")
-        if result.status is CommitStatus.CONFLICT:
-            assert result.actor is not None
-            parts[result.actor][0].view = None
-        if result.status is not CommitStatus.COMMITTED:
-            return False
-        for mailbox, handled in parts:
-            if self._committed(mailbox, handled):
-                await self._follow_up(handled)
-        return True
-
     def _committed(self, mailbox: _Mailbox, handled: list[_Handled]) -> bool:
         """After a commit: the actor's new view, the services woken. True when a snapshot is
         due or an external ask waits for its answer (`_follow_up` writes them)."""
@@ -1113,22 +1316,7 @@ class PartitionSession:
             if epoch != self.epoch:
                 raise PartitionLost(f"{self.partition} lease lost (epoch {epoch})")
             self.held_until_ms = asked_at + ttl_ms
-            self._renewed.set()
-            self._renewed = anyio.Event()
-
-    async def _hold_lease(self) -> None:
-        """Wait until the lease surely holds for one more read (a blocking read's wait
-        included). A node that stood still past its lease (a pause, a stalled event loop) must
-        not take new entries into its pending list once it wakes: the node that took the
-        partition over claimed the pending entries when it started, not later ones; they would
-        stay there, unhandled. The renewal that finds the lease lost ends the session."""
-        clock = self.node.clock
-        margin_ms = min(self.config.block_ms or 0, self.config.lease_ttl_ms // 3)
-        while True:
-            renewed = self._renewed
-            if clock.now_ms() + margin_ms < self.held_until_ms:
-                return
-            await renewed.wait()
+            self.runner.poke()
 
     async def _fire_timers(self) -> None:
         client = self.system.client
@@ -1145,7 +1333,7 @@ class PartitionSession:
                 failures = 0
             except INFRASTRUCTURE_ERRORS:
                 failures += 1
-                wait_s = self._backoff(failures)
+                wait_s = _backoff(self.config, failures)
                 head = []
             if head:
                 wait_s = min(wait_s, max(0.0, (head[0][1] - now) / 1000))
@@ -1163,6 +1351,6 @@ class PartitionSession:
                 failures = 0
             except INFRASTRUCTURE_ERRORS:
                 failures += 1
-                wait_s = self._backoff(failures)
+                wait_s = _backoff(self.config, failures)
             with anyio.move_on_after(wait_s):
                 await self._outbox_changed.wait()

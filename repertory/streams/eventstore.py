@@ -273,19 +273,26 @@ class EventStore:
         return loaded
 
     async def load_many(self, addresses: Sequence[Address]) -> list[Loaded | DecodeError]:
-        """`load` for several actors, one script call per partition among them: a node
-        activates the actors a read brought together in one round trip. An actor whose
-        snapshot cannot be decoded gets its DecodeError in its place; the others load."""
+        """`load` for several actors in one script call (on a Cluster, one per partition among
+        them): a node activates the actors a read brought together in one round trip. An
+        actor whose snapshot cannot be decoded gets its DecodeError in its place; the others
+        load."""
         count = min(self.read_batch, ACTIVATION_PAGE)
-        by_partition: dict[str, list[int]] = {}
+        groups: dict[str, list[int]] = {}
+        one_call = isinstance(self.client, redis.asyncio.Redis)
         for index, address in enumerate(addresses):
-            by_partition.setdefault(self.keys.snapshots_of(address), []).append(index)
+            group = "" if one_call else self.keys.snapshots_of(address)
+            groups.setdefault(group, []).append(index)
         loaded: dict[int, Loaded | DecodeError] = {}
-        for snapshots, indexes in by_partition.items():
-            streams = [self.keys.events(addresses[index]) for index in indexes]
+        for indexes in groups.values():
+            keys: list[str] = []
+            for index in indexes:
+                keys.extend(
+                    (self.keys.snapshots_of(addresses[index]), self.keys.events(addresses[index]))
+                )
             ids = [addresses[index].id for index in indexes]
-            replies = await ACTIVATE(self.client, [snapshots, *streams], [count, *ids])
-            for index, stream, (data, reply) in zip(indexes, streams, replies, strict=True):
+            replies = await ACTIVATE(self.client, keys, [count, *ids])
+            for index, stream, (data, reply) in zip(indexes, keys[1::2], replies, strict=True):
                 loaded[index] = self._loaded(stream, data, reply, count)
         return [loaded[index] for index in range(len(addresses))]
 

@@ -1,8 +1,10 @@
 """Inbox streams read through a consumer group: read, ack, reclaim, inspect, trim."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import redis.asyncio
 from redis.exceptions import ResponseError
 
 from repertory.streams.client import RedisClient
@@ -53,6 +55,55 @@ def _entries(raw: list[Any]) -> list[InboxEntry]:
     ]
 
 
+def _raw_entries(raw: list[Any]) -> list[InboxEntry]:
+    """Entries as the server sends them, [[id, [field, value, ...] or nil], ...]."""
+    entries = []
+    for entry_id, fields in raw:
+        if fields and fields[0] == MESSAGE_FIELD:
+            entries.append(InboxEntry(entry_id, fields[1]))
+        else:  # another layout (a foreign writer), or nil for an entry deleted while pending
+            found = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
+            entries.append(InboxEntry(entry_id, found.get(MESSAGE_FIELD)))
+    return entries
+
+
+async def read_inboxes(
+    client: RedisClient,
+    group: str,
+    consumer: str,
+    streams: Sequence[str],
+    *,
+    count: int = 100,
+    block_ms: int | None = None,
+) -> list[list[InboxEntry]]:
+    """New entries of several inboxes of one consumer group for `consumer`, in one round trip
+    (up to `count` from each): a node reads every partition of a kind it holds at once. The
+    streams must be reachable by one command: on a Cluster, one stream at a time. Returns each
+    stream's entries, in the order of `streams`; they become pending until acked. `block_ms`
+    must stay below the client's socket timeout."""
+    options: list[Any] = [b"COUNT", count]
+    if block_ms is not None:
+        options += [b"BLOCK", block_ms]
+    if isinstance(client, redis.asyncio.Redis):
+        # The command name as bytes skips redis-py's reply callback, which builds a dict per
+        # entry; the reply is taken as the server sends it.
+        reply = await client.execute_command(
+            b"XREADGROUP", b"GROUP", group, consumer, *options, b"STREAMS", *streams,
+            *[b">"] * len(streams),
+        )  # fmt: skip
+    else:
+        reply = await client.xreadgroup(
+            group, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
+        )
+    found: dict[bytes, list[InboxEntry]] = {}
+    # [[stream, entries], ...] over RESP2; a map of stream -> entries over RESP3 (fakeredis).
+    for stream, raw in reply.items() if isinstance(reply, dict) else reply or []:
+        name = stream if isinstance(stream, bytes) else stream.encode()
+        parsed = bool(raw) and isinstance(raw[0][1], dict)  # redis-py's callback ran
+        found[name] = _entries(raw) if parsed else _raw_entries(raw)
+    return [found.get(stream.encode(), []) for stream in streams]
+
+
 class Inbox:
     """One stream read by one consumer group (the nodes hosting a kind)."""
 
@@ -83,12 +134,10 @@ class Inbox:
     ) -> list[InboxEntry]:
         """New entries for `consumer` (they become pending until acked). `block_ms` must stay
         below the client's socket timeout."""
-        response = await self.client.xreadgroup(
-            self.group, consumer, {self.stream: ">"}, count=count, block=block_ms
+        (entries,) = await read_inboxes(
+            self.client, self.group, consumer, [self.stream], count=count, block_ms=block_ms
         )
-        if not response:
-            return []
-        return _entries(response[0][1])
+        return entries
 
     async def read_own_pending(
         self, consumer: str, *, count: int = 100, after: bytes = b"0"

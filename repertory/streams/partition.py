@@ -40,14 +40,17 @@ class GroupCommitResult(NamedTuple):
 
     status: CommitStatus
     versions: tuple[int, ...] = ()
-    """On COMMITTED, each actor's version after the commit, in order."""
+    """On COMMITTED, each actor's version after the commit, in order (over every partition
+    committed, in order)."""
     actor: int | None = None
-    """On CONFLICT or DUPLICATE, the position of the actor concerned."""
+    """On CONFLICT or DUPLICATE, the position of the actor concerned (over every partition)."""
     position: int | None = None
     """On DUPLICATE, the position among that actor's commits of the first message handled
     before."""
     version: int = 0
     """On CONFLICT, that actor's current version; on FENCED, the partition's epoch."""
+    partition: int | None = None
+    """On FENCED, the position of the partition concerned."""
 
 
 class Commit(msgspec.Struct, frozen=True, gc=False):
@@ -82,6 +85,15 @@ class ActorCommits(NamedTuple):
     address: Address
     expected_version: int
     commits: Sequence[Commit]
+
+
+class PartitionCommits(NamedTuple):
+    """One partition's part of a commit: the epoch its committer holds (None: unfenced) and
+    its actors' commits."""
+
+    partition: "Partition"
+    epoch: int | None
+    actors: Sequence[ActorCommits]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,47 +158,67 @@ class Partition:
         """Commit the outcomes of handling messages of several actors of this partition in one
         script call (each actor's in order): all of them, or (on a conflict or a duplicate in
         any of them, or a lost epoch) none."""
-        args: list[Any] = [
-            self.group,
-            "" if epoch is None else epoch,
-            now_ms,
-            seen.window_ms,
-            seen.limit,
-            len(actors),
-        ]
-        keys = [self.inbox.stream, self.seen_key, self.epoch_key, self.outbox_key, self.timers_key]
-        tag, layout = self.tag, self.keys
-        for address, expected_version, commits in actors:
-            if address.kind != self.kind or layout.partition_of(address) != self.number:
-                raise KeyLayoutError(f"{address} is not an actor of {self}")
-            keys.extend((events_key(tag, address.id), handled_key(tag, address.id)))
-            args.extend((expected_version, len(commits)))
-            for commit in commits:
-                args.extend(
-                    (
-                        commit.inbox_entry or "",
-                        commit.dedupe_id,
-                        commit.handled,
-                        commit.rejected,
-                        commit.handled_at,
-                        len(commit.events),
-                        *commit.events,
-                        len(commit.local),
-                        *commit.local,
-                        len(commit.timers),
-                    )
+        return await self.commit_partitions(
+            [PartitionCommits(self, epoch, actors)], now_ms=now_ms, seen=seen
+        )
+
+    async def commit_partitions(
+        self, parts: Sequence[PartitionCommits], *, now_ms: int, seen: SeenWindow
+    ) -> GroupCommitResult:
+        """Commit the actors of several partitions of this kind in one script call, through
+        this partition's client (every commit goes through here): all of them, or (on a
+        conflict or a duplicate in any of them, or a lost epoch) none. The partitions' keys
+        must be reachable by one script: on a Cluster, one partition at a time."""
+        group = self.group
+        args: list[Any] = [group, now_ms, seen.window_ms, seen.limit, len(parts)]
+        keys: list[str] = []
+        for partition, epoch, actors in parts:
+            if partition.group != group:
+                raise ValueError(f"{partition} is not of the kind of {self}")
+            keys.extend(
+                (
+                    partition.inbox.stream,
+                    partition.seen_key,
+                    partition.epoch_key,
+                    partition.outbox_key,
+                    partition.timers_key,
                 )
-                for due, message in commit.timers:
-                    args.extend((due, message))
-                args.append(len(commit.remote))
-                for due, target, message in commit.remote:
-                    args.extend((due, target, message))
+            )
+            args.extend(("" if epoch is None else epoch, len(actors)))
+            tag, layout, number = partition.tag, partition.keys, partition.number
+            for address, expected_version, commits in actors:
+                if address.kind != partition.kind or layout.partition_of(address) != number:
+                    raise KeyLayoutError(f"{address} is not an actor of {partition}")
+                keys.extend((events_key(tag, address.id), handled_key(tag, address.id)))
+                args.extend((expected_version, len(commits)))
+                for commit in commits:
+                    args.extend(
+                        (
+                            commit.inbox_entry or "",
+                            commit.dedupe_id,
+                            commit.handled,
+                            commit.rejected,
+                            commit.handled_at,
+                            len(commit.events),
+                            *commit.events,
+                            len(commit.local),
+                            *commit.local,
+                            len(commit.timers),
+                        )
+                    )
+                    for due, message in commit.timers:
+                        args.extend((due, message))
+                    args.append(len(commit.remote))
+                    for due, target, message in commit.remote:
+                        args.extend((due, target, message))
         reply = await COMMIT(self.client, keys, args)
         status = CommitStatus(int(reply[0]))
         if status is CommitStatus.COMMITTED:
             return GroupCommitResult(status, tuple(int(version) for version in reply[1:]))
         if status is CommitStatus.FENCED:
-            return GroupCommitResult(status, version=int(reply[1] or 0))
+            return GroupCommitResult(
+                status, partition=int(reply[1]) - 1, version=int(reply[2] or 0)
+            )
         actor = int(reply[1]) - 1
         if status is CommitStatus.DUPLICATE:
             return GroupCommitResult(status, actor=actor, position=int(reply[2]) - 1)

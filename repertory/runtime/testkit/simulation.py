@@ -46,10 +46,10 @@ from repertory.streams.deadletters import DeadLetters
 from repertory.streams.keys import Address
 from repertory.streams.membership import Membership
 from repertory.streams.partition import (
-    ActorCommits,
     CommitStatus,
     GroupCommitResult,
     Partition,
+    PartitionCommits,
     SeenWindow,
 )
 
@@ -394,25 +394,21 @@ class _RecordingPartition(Partition):
             view.ledger.took(node_id, key, epoch)
         return epoch
 
-    async def commit_many(
-        self,
-        actors: Sequence[ActorCommits],
-        *,
-        epoch: int | None,
-        now_ms: int,
-        seen: SeenWindow,
+    async def commit_partitions(
+        self, parts: Sequence[PartitionCommits], *, now_ms: int, seen: SeenWindow
     ) -> GroupCommitResult:
-        # Every commit goes through here (`commit` is a commit of one actor).
+        # Every commit goes through here, of one actor or of several partitions' actors.
         ledger = self.view.ledger
         started = ledger.tick()
-        result = await super().commit_many(actors, epoch=epoch, now_ms=now_ms, seen=seen)
+        result = await super().commit_partitions(parts, now_ms=now_ms, seen=seen)
         if result.status is CommitStatus.COMMITTED:
-            for actor, version in zip(actors, result.versions, strict=True):
+            actors = [(part, actor) for part in parts for actor in part.actors]
+            for (part, actor), version in zip(actors, result.versions, strict=True):
                 ledger.committed(
                     Committed(
                         self.view.node_id,
-                        (self.kind, self.number),
-                        -1 if epoch is None else epoch,
+                        (part.partition.kind, part.partition.number),
+                        -1 if part.epoch is None else part.epoch,
                         actor.address,
                         version,
                         started,

@@ -1,114 +1,145 @@
--- Commit the outcome of handling messages of one or more actors of one partition, atomically:
--- everything or nothing (G2 and G4).
--- KEYS[1] the partition inbox             KEYS[2] the partition seen-set (zset: id -> time)
--- KEYS[3] the partition epoch             KEYS[4] the partition outbox
--- KEYS[5] the partition timers (zset: encoded envelope -> due ms)
--- then per actor: KEYS[4 + 2a] its event stream, KEYS[5 + 2a] its handled-message stream
--- ARGV[1] consumer group      ARGV[2] epoch the committer holds ('' = unfenced)
--- ARGV[3] now (ms)            ARGV[4] seen window (ms)     ARGV[5] seen-set size limit
--- ARGV[6] number of actors
--- then per actor: its expected version, its number of messages, then per message, in
+-- Commit the outcome of handling messages of actors of one or more partitions of one kind,
+-- atomically: everything or nothing (G2 and G4). On a Cluster every partition's keys live in a
+-- slot of their own, so there a call commits one partition; a standalone server takes several.
+-- ARGV[1] consumer group      ARGV[2] now (ms)      ARGV[3] seen window (ms)
+-- ARGV[4] seen-set size limit ARGV[5] number of partitions
+-- then per partition: the epoch its committer holds ('' = unfenced), its number of actors,
+--   then per actor: its expected version, its number of messages, then per message, in
 --   handling order: inbox entry id ('' when not from the inbox), dedupe id, the handled
 --   message as received, why it was rejected ('' = accepted), when it was handled (ms, the
 --   handler's clock), n_events, events...; n_local, messages for this partition's inbox...;
 --   n_timers, (due ms, message for this partition)...; n_out, (due ms or 0, target key,
 --   message for another partition)... (the outbox relay forwards those after the commit: to
 --   the target inbox when due is 0, else to the target timer set)
--- Returns {1, version...} committed (each actor's version after it), {0, a, version} actor a
--- (1-based) has another version, {-1, a, i} message i (1-based) of actor a was handled
--- before, {-2, epoch} fenced (the committer lost the partition). Only a commit returns 1;
--- else nothing is written, except that a lone message handled before is acked.
-local function ack(entry_ids)
+-- KEYS, per partition: its inbox, its seen-set (zset: id -> time), its epoch, its outbox, its
+--   timers (zset: encoded envelope -> due ms), then per actor: its event stream, its
+--   handled-message stream
+-- Returns {1, version...} committed (each actor's version after it, over every partition in
+-- order), {0, a, version} actor a (1-based over the call) has another version, {-1, a, i}
+-- message i (1-based) of actor a was handled before, {-2, p, epoch} partition p (1-based) is
+-- fenced (its committer lost it). Only a commit returns 1; else nothing is written, except
+-- that a lone message handled before is acked.
+local function ack(inbox, entry_ids)
   if #entry_ids > 0 then
-    redis.call('XACK', KEYS[1], ARGV[1], unpack(entry_ids))
-    redis.call('XDEL', KEYS[1], unpack(entry_ids))
+    redis.call('XACK', inbox, ARGV[1], unpack(entry_ids))
+    redis.call('XDEL', inbox, unpack(entry_ids))
   end
 end
 
-if ARGV[2] ~= '' then
-  local epoch = redis.call('GET', KEYS[3])
-  if epoch ~= ARGV[2] then
-    return {-2, epoch or ''}
-  end
-end
-
--- Where each message's arguments start; the version and dedupe checks, before any write.
-local actors = tonumber(ARGV[6])
-local starts = {}
-local counts = {}
-local in_batch = {}
-local i = 7
-for a = 1, actors do
-  local expected = tonumber(ARGV[i])
-  counts[a] = tonumber(ARGV[i + 1])
+-- Where each partition's keys and each actor's arguments start; every check before any write.
+local partitions = tonumber(ARGV[5])
+local plans = {}
+local i = 6
+local k = 1
+local numbered = 0
+for p = 1, partitions do
+  local epoch = ARGV[i]
+  local actors = tonumber(ARGV[i + 1])
   i = i + 2
-  starts[a] = i
-  for m = 1, counts[a] do
-    if in_batch[ARGV[i + 1]] or redis.call('ZSCORE', KEYS[2], ARGV[i + 1]) then
-      if actors == 1 and counts[a] == 1 and ARGV[i] ~= '' then
-        ack({ARGV[i]})
+  if epoch ~= '' then
+    local current = redis.call('GET', KEYS[k + 2])
+    if current ~= epoch then
+      return {-2, p, current or ''}
+    end
+  end
+  -- Every message's dedupe id, in order: the partition's seen-set is asked once for all.
+  local plan = {keys = k, actors = {}, ids = {}}
+  local messages = {}
+  for a = 1, actors do
+    numbered = numbered + 1
+    local count = tonumber(ARGV[i + 1])
+    plan.actors[a] = {tonumber(ARGV[i]), count, i + 2}
+    i = i + 2
+    for m = 1, count do
+      plan.ids[#plan.ids + 1] = ARGV[i + 1]
+      messages[#messages + 1] = {numbered, m, ARGV[i]}
+      i = i + 5
+      i = i + tonumber(ARGV[i]) + 1
+      i = i + tonumber(ARGV[i]) + 1
+      i = i + 2 * tonumber(ARGV[i]) + 1
+      i = i + 3 * tonumber(ARGV[i]) + 1
+    end
+  end
+  if #plan.ids > 0 then
+    local scores = redis.call('ZMSCORE', KEYS[k + 1], unpack(plan.ids))
+    local earlier = {}
+    for n, id in ipairs(plan.ids) do
+      if scores[n] or earlier[id] then  -- handled before, or twice in this call
+        local message = messages[n]
+        if partitions == 1 and #plan.ids == 1 and message[3] ~= '' then
+          ack(KEYS[k], {message[3]})
+        end
+        return {-1, message[1], message[2]}
       end
-      return {-1, a, m}
+      earlier[id] = true
     end
-    in_batch[ARGV[i + 1]] = true
-    i = i + 5
-    i = i + tonumber(ARGV[i]) + 1
-    i = i + tonumber(ARGV[i]) + 1
-    i = i + 2 * tonumber(ARGV[i]) + 1
-    i = i + 3 * tonumber(ARGV[i]) + 1
   end
-  local version = redis.call('XLEN', KEYS[4 + 2 * a])
-  if version ~= expected then
-    return {0, a, version}
+  for a, actor in ipairs(plan.actors) do
+    local version = redis.call('XLEN', KEYS[k + 3 + 2 * a])
+    if version ~= actor[1] then
+      return {0, numbered - actors + a, version}
+    end
   end
+  plans[p] = plan
+  k = k + 5 + 2 * actors
 end
 
-local now = tonumber(ARGV[3])
-local entry_ids = {}
+local now = tonumber(ARGV[2])
 local versions = {1}
-for a = 1, actors do
-  local events_key, handled_key = KEYS[4 + 2 * a], KEYS[5 + 2 * a]
-  local version = tonumber(ARGV[starts[a] - 2])
-  i = starts[a]
-  for _ = 1, counts[a] do
-    local entry_id, dedupe_id, handled, rejected = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    local handled_at = ARGV[i + 4]
-    local before = version
-    i = i + 5
-    local n = tonumber(ARGV[i])
-    for j = 1, n do
-      version = version + 1
-      redis.call('XADD', events_key, version .. '-0', 'e', ARGV[i + j])
+for p = 1, partitions do
+  k = plans[p].keys
+  local inbox, seen, outbox, timers = KEYS[k], KEYS[k + 1], KEYS[k + 3], KEYS[k + 4]
+  local entry_ids = {}
+  for a, plan in ipairs(plans[p].actors) do
+    local events_key, handled_key = KEYS[k + 3 + 2 * a], KEYS[k + 4 + 2 * a]
+    local version, count = plan[1], plan[2]
+    i = plan[3]
+    for _ = 1, count do
+      local entry_id, handled, rejected = ARGV[i], ARGV[i + 2], ARGV[i + 3]
+      local handled_at = ARGV[i + 4]
+      local before = version
+      i = i + 5
+      local n = tonumber(ARGV[i])
+      for j = 1, n do
+        version = version + 1
+        redis.call('XADD', events_key, version .. '-0', 'e', ARGV[i + j])
+      end
+      i = i + n + 1
+      redis.call('XADD', handled_key, '*', 'm', handled, 'at', handled_at, 'from', before,
+        'to', version, 'rejected', rejected)
+      n = tonumber(ARGV[i])
+      for j = 1, n do
+        redis.call('XADD', inbox, '*', 'm', ARGV[i + j])
+      end
+      i = i + n + 1
+      n = tonumber(ARGV[i])
+      for j = 1, n do
+        redis.call('ZADD', timers, ARGV[i + 2 * j - 1], ARGV[i + 2 * j])
+      end
+      i = i + 2 * n + 1
+      n = tonumber(ARGV[i])
+      for j = 1, n do
+        local at = i + 3 * j - 2
+        redis.call('XADD', outbox, '*', 'due', ARGV[at], 'to', ARGV[at + 1], 'm', ARGV[at + 2])
+      end
+      i = i + 3 * n + 1
+      if entry_id ~= '' then entry_ids[#entry_ids + 1] = entry_id end
     end
-    i = i + n + 1
-    redis.call('XADD', handled_key, '*', 'm', handled, 'at', handled_at, 'from', before,
-      'to', version, 'rejected', rejected)
-    n = tonumber(ARGV[i])
-    for j = 1, n do
-      redis.call('XADD', KEYS[1], '*', 'm', ARGV[i + j])
-    end
-    i = i + n + 1
-    n = tonumber(ARGV[i])
-    for j = 1, n do
-      redis.call('ZADD', KEYS[5], ARGV[i + 2 * j - 1], ARGV[i + 2 * j])
-    end
-    i = i + 2 * n + 1
-    n = tonumber(ARGV[i])
-    for j = 1, n do
-      local at = i + 3 * j - 2
-      redis.call('XADD', KEYS[4], '*', 'due', ARGV[at], 'to', ARGV[at + 1], 'm', ARGV[at + 2])
-    end
-    i = i + 3 * n + 1
-    redis.call('ZADD', KEYS[2], now, dedupe_id)
-    if entry_id ~= '' then entry_ids[#entry_ids + 1] = entry_id end
+    versions[#versions + 1] = version
   end
-  versions[a + 1] = version
+  local members = {}
+  for n, id in ipairs(plans[p].ids) do
+    members[2 * n - 1] = now
+    members[2 * n] = id
+  end
+  if #members > 0 then
+    redis.call('ZADD', seen, unpack(members))
+  end
+  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - tonumber(ARGV[3]))
+  local excess = redis.call('ZCARD', seen) - tonumber(ARGV[4])
+  if excess > 0 then
+    redis.call('ZREMRANGEBYRANK', seen, 0, excess - 1)
+  end
+  ack(inbox, entry_ids)
 end
-
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
-if excess > 0 then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, excess - 1)
-end
-ack(entry_ids)
 return versions
