@@ -80,6 +80,7 @@ def test_standalone_url_forms(
         ("EVALSHA", "a" * 40, 2, "k1", "é", 1.5, -3, 2**70, b"", memoryview(b"view")),
         ("CLIENT SETNAME", "name"),
         ("SET", "key", bytearray(b"value")),
+        (b"XREADGROUP", b"GROUP", "g", "c", b"COUNT", 100, b"STREAMS", "s1", "s2", b">", b">"),
     ],
 )
 def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:

@@ -718,6 +718,39 @@ async def test_unknown_message_types_are_dead_lettered(system: ActorSystem, node
     assert letter.reason == "unknown-type"
 
 
+async def test_a_message_in_the_wrong_inbox_is_dead_lettered_not_committed(
+    system: ActorSystem, node: Node
+) -> None:
+    """An entry whose target belongs to another partition, or to another kind, is refused:
+    committing it would write the actor's events under a partition that does not own it."""
+    home = Address("account", "home")
+    number = system.keys.partition_of(home)
+    stray = next(
+        Address("account", f"stray-{i}")
+        for i in range(1000)
+        if system.keys.partition_of(Address("account", f"stray-{i}")) != number
+    )
+    inbox = system.keys.inbox_of(home)
+    for target in (str(stray), "counter/elsewhere"):
+        envelope = system.codec.envelope(target, Deposit(5))
+        await system.client.xadd(inbox, {b"m": system.codec.encode(envelope)})
+    await system.send(home, Deposit(1))
+    partition = system.partition("account", number)
+
+    async def both_dead() -> bool:
+        return await partition.dead_letters.count() == 2
+
+    await eventually(lambda: total_is(system, str(home), 1))
+    await eventually(both_dead)
+    details = sorted(letter.detail for letter in await partition.dead_letters.list())
+    assert details == [
+        f"KeyLayoutError: {stray} arrived in the inbox of {partition}",
+        f"UnknownKindError: counter/elsewhere arrived in the inbox of {partition}",
+    ]
+    assert [item async for item in system.store.read(stray)] == []
+    assert (await partition.inbox.pending()).count == 0
+
+
 async def test_graceful_stop_releases_leases(system: ActorSystem) -> None:
     running = Node(system, FAST)
     async with anyio.create_task_group() as group:

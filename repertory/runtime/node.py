@@ -720,6 +720,11 @@ class PartitionSession:
         self.actor = runner.actor
         self._target_prefix = f"{partition.kind}/"
         """How the targets of this partition's actors begin (the kind is checked already)."""
+        self._phase = partition.number / partition.keys.partitions_of(partition.kind)
+        """Where in their period this partition's lease renewals and polls fall: the first
+        of each comes early by up to half a period, so a node's partitions spread them out
+        instead of doing them all at once (a burst of round trips that every message in
+        flight then waits behind)."""
         self.mailboxes: dict[str, _Mailbox] = {}
         """The actors with messages waiting or in hand (an actor is here or in `idle`)."""
         self.idle: dict[str, _IdleActor] = {}
@@ -860,8 +865,11 @@ class PartitionSession:
             mailbox = self.mailboxes.get(key)
             if mailbox is None:
                 idle = self.idle.pop(key, None)
-                view = None if idle is None else idle.view
-                mailbox = self.mailboxes[key] = _Mailbox(key, self, view)
+                if idle is None:
+                    mailbox = self.mailboxes[key] = _Mailbox(key, self)
+                else:  # its target was checked when it first became active
+                    address = Address(self.partition.kind, key[len(self._target_prefix) :])
+                    mailbox = self.mailboxes[key] = _Mailbox(key, self, idle.view, address=address)
             while len(mailbox.waiting) >= mailbox_size and self.lost is None:
                 self.runner._hand_out()
                 # While the reader waits here the mailbox stays (see `_release`).
@@ -880,7 +888,11 @@ class PartitionSession:
     def _take(self, mailbox: _Mailbox) -> list[_Delivery]:
         """The next messages of `mailbox` to handle, up to `commit_batch`."""
         waiting = mailbox.waiting
-        batch = [waiting.popleft() for _ in range(min(len(waiting), self.config.commit_batch))]
+        if len(waiting) <= self.config.commit_batch:
+            batch = list(waiting)
+            waiting.clear()
+        else:
+            batch = [waiting.popleft() for _ in range(self.config.commit_batch)]
         if mailbox.room is not None:
             mailbox.room.set()
         return batch
@@ -1302,8 +1314,12 @@ class PartitionSession:
     async def _renew_lease(self) -> None:
         node, ttl_ms = self.node, self.config.lease_ttl_ms
         clock = node.clock
+        # Early by the partition's phase, never late: a lease is renewed at least every
+        # third of its time to live.
+        wait_s = ttl_ms / 3000 * (1 - self._phase / 2)
         while True:
-            await clock.sleep(ttl_ms / 3000)
+            await clock.sleep(wait_s)
+            wait_s = ttl_ms / 3000
             asked_at = clock.now_ms()
             try:
                 epoch = await self.partition.acquire(
@@ -1321,10 +1337,11 @@ class PartitionSession:
     async def _fire_timers(self) -> None:
         client = self.system.client
         failures = 0
+        next_wait_s = self.config.max_timer_wait_s * (1 - self._phase / 2)
         while not self.stopping:
             # A fresh event before looking: a timer committed from now on wakes the wait.
             self._timers_changed = anyio.Event()
-            wait_s = self.config.max_timer_wait_s
+            wait_s, next_wait_s = next_wait_s, self.config.max_timer_wait_s
             try:
                 now = self.node.clock.now_ms()
                 if await self.partition.fire_timers(now):
@@ -1342,9 +1359,10 @@ class PartitionSession:
 
     async def _relay_outbox(self) -> None:
         failures = 0
+        next_wait_s = self.config.relay_poll_s * (1 - self._phase / 2)
         while not self.stopping:
             self._outbox_changed = anyio.Event()
-            wait_s = self.config.relay_poll_s
+            wait_s, next_wait_s = next_wait_s, self.config.relay_poll_s
             try:
                 if await self.partition.relay(self.node.node_id):
                     continue

@@ -235,9 +235,13 @@ async def rebuild_many(
 
 
 async def _fold(actor: Actor[Any], loaded: Loaded) -> ActorView:
-    snapshot, event_batches = loaded
+    snapshot, first, more = loaded
     state, version = (actor.initial, 0) if snapshot is None else (snapshot.state, snapshot.version)
-    async for last_version, events in event_batches:
+    if first is not None:
+        version, events = first
         state = actor.fold(state, events)
-        version = last_version
+    if more is not None:
+        async for last_version, events in more:
+            state = actor.fold(state, events)
+            version = last_version
     return ActorView(version, state)

@@ -258,7 +258,8 @@ class _LeanConnection(AbstractConnection):  # type: ignore[misc]  # redis is unt
     """
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " not in args[0]:
+        name = args[0]
+        if isinstance(name, bytes) or (isinstance(name, str) and " " not in name):
             try:
                 return [hiredis.pack_command(args)]
             except TypeError:

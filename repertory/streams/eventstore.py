@@ -10,7 +10,7 @@ from repertory.schemas import Codec, EventRecord, SnapshotRecord
 from repertory.schemas.codec import decode_event_record
 from repertory.schemas.errors import DecodeError, RepertoryError
 from repertory.streams.client import RedisClient
-from repertory.streams.keys import Address, KeyLayout
+from repertory.streams.keys import Address, KeyLayout, events_key, snapshots_key
 from repertory.streams.scripts import ACTIVATE, APPEND
 
 EVENT_FIELD = b"e"
@@ -59,10 +59,13 @@ class Snapshot(msgspec.Struct, frozen=True, gc=False):
 
 class Loaded(NamedTuple):
     """An actor as activation reads it: its latest snapshot (None without one) and its events
-    after it, a batch at a time, each batch with the version of its last event."""
+    after it: those read with it, with the version of the last (None if none were), and the
+    rest, a batch at a time, each batch with the version of its last event (None when there is
+    none to read: a new actor, a short log, is folded without another round trip)."""
 
     snapshot: Snapshot | None
-    event_batches: AsyncIterator[tuple[int, list[msgspec.Struct]]]
+    first: tuple[int, list[msgspec.Struct]] | None
+    more: AsyncIterator[tuple[int, list[msgspec.Struct]]] | None
 
 
 def _version_of(entry_id: bytes) -> int:
@@ -111,6 +114,11 @@ def _entry_batch(reply: list[list[Any]]) -> EntryBatch:
 def _after(batch: EntryBatch) -> str:
     """The XRANGE bound of the entries after the batch."""
     return f"({batch.entry_ids[-1].decode()}"
+
+
+def _after_version(snapshot: Snapshot) -> str:
+    """The XRANGE bound of the events after the snapshot."""
+    return f"{snapshot.version + 1}-0"
 
 
 class EventStore:
@@ -287,9 +295,9 @@ class EventStore:
         for indexes in groups.values():
             keys: list[str] = []
             for index in indexes:
-                keys.extend(
-                    (self.keys.snapshots_of(addresses[index]), self.keys.events(addresses[index]))
-                )
+                address = addresses[index]
+                tag = self.keys.actor_tag(address)
+                keys.extend((snapshots_key(tag), events_key(tag, address.id)))
             ids = [addresses[index].id for index in indexes]
             replies = await ACTIVATE(self.client, keys, [count, *ids])
             for index, stream, (data, reply) in zip(indexes, keys[1::2], replies, strict=True):
@@ -300,28 +308,27 @@ class EventStore:
         self, stream: str, data: bytes | None, reply: list[Any], count: int
     ) -> Loaded | DecodeError:
         """An actor as the activation script returned it (see `load`)."""
-        if data is not None:
-            try:
+        try:
+            if data is not None:
                 snapshot = self._snapshot(data)
-            except DecodeError as error:
-                return error
-            return Loaded(snapshot, self._event_batches(stream, None, f"{snapshot.version + 1}-0"))
-        first = _entry_batch(reply)
-        more = _after(first) if len(first.entry_ids) == count else None
-        return Loaded(None, self._event_batches(stream, first, more))
+                return Loaded(snapshot, None, self._event_batches(stream, _after_version(snapshot)))
+            first = _entry_batch(reply)
+            if not first.entry_ids:
+                return Loaded(None, None, None)
+            events = self.codec.decode_event_payloads(first.records)
+        except DecodeError as error:
+            return error
+        more = self._event_batches(stream, _after(first)) if len(first.entry_ids) == count else None
+        return Loaded(None, (_version_of(first.entry_ids[-1]), events), more)
 
     async def _event_batches(
-        self, key: str, first: EntryBatch | None, lower: str | None
+        self, key: str, lower: str
     ) -> AsyncIterator[tuple[int, list[msgspec.Struct]]]:
-        """The events of `first` if given, then those from the XRANGE bound `lower` if given,
-        a batch at a time, each with the version of its last event. Raises DecodeError at the
-        first event that cannot be decoded."""
+        """The events from the XRANGE bound `lower`, a batch at a time, each with the version
+        of its last event. Raises DecodeError at the first event that cannot be decoded."""
         decode = self.codec.decode_event_payloads
-        if first is not None and first.entry_ids:
-            yield _version_of(first.entry_ids[-1]), decode(first.records)
-        if lower is not None:
-            async for entry_ids, records in self._pages(key, lower, "+"):
-                yield _version_of(entry_ids[-1]), decode(records)
+        async for entry_ids, records in self._pages(key, lower, "+"):
+            yield _version_of(entry_ids[-1]), decode(records)
 
     async def save_snapshot(self, address: Address, state: msgspec.Struct, version: int) -> None:
         record = self.codec.snapshot(state, version)

@@ -51,6 +51,11 @@ def handled_key(tag: str, actor_id: str) -> str:
     return f"{tag}:msg:{actor_id}"
 
 
+def snapshots_key(tag: str) -> str:
+    """The snapshot hash (actor id -> encoded snapshot record) of the partition tagged `tag`."""
+    return f"{tag}:snap"
+
+
 class KeyLayout:
     """Names every Redis key of one application namespace.
 
@@ -85,26 +90,27 @@ class KeyLayout:
     def tag(self, kind: str, partition: int) -> str:
         return f"{{{self.app}:{_check_name('actor kind', kind)}:{partition}}}"
 
-    def _actor_tag(self, address: Address) -> str:
+    def actor_tag(self, address: Address) -> str:
+        """The hash tag of the actor's partition."""
         return self.tag(address.kind, self.partition_of(address))
 
     # Per actor.
     def events(self, address: Address) -> str:
         """The actor's event stream; entry ids are `<version>-0`."""
-        return events_key(self._actor_tag(address), address.id)
+        return events_key(self.actor_tag(address), address.id)
 
     def handled(self, address: Address) -> str:
         """The messages the actor handled, each with the versions it moved between (replay)."""
-        return handled_key(self._actor_tag(address), address.id)
+        return handled_key(self.actor_tag(address), address.id)
 
     def migrating(self, address: Address) -> str:
         """The rewritten copy of the actor's event stream while a migration builds it."""
-        return f"{self._actor_tag(address)}:migrating:{address.id}"
+        return f"{self.actor_tag(address)}:migrating:{address.id}"
 
     # Per partition.
     def snapshots(self, kind: str, partition: int) -> str:
         """Hash: actor id -> encoded snapshot record."""
-        return f"{self.tag(kind, partition)}:snap"
+        return snapshots_key(self.tag(kind, partition))
 
     def snapshots_of(self, address: Address) -> str:
         return self.snapshots(address.kind, self.partition_of(address))
