@@ -10,7 +10,8 @@ reader taking every partition's new messages in one XREADGROUP of up to `read_co
 `plain_handling`) taking actors with messages waiting from one ready queue, whatever their
 partitions (serial within an actor, concurrent across actors), as the node does, activation by
 one EVALSHA of the node's activation script (`activate.lua`: the snapshot, or the first events
-of an actor without one) for the actors taken together on their first message, then per
+of an actor without one) for the actors taken together on their first message (none once most
+actors activated lately were new: those are taken as new, unread, as the node does), then per
 message one msgspec decode of the envelope, one msgspec encode of the event record and one
 EVALSHA of the same commit script with the same keys and arguments (epoch checks included)
 for the actors taken together. Its client is plain redis-py, which packs commands in Python;
@@ -64,7 +65,7 @@ from benchmarks.harness import (
     sequential,
 )
 from repertory.actors.model import Actor, Context, applier, command
-from repertory.runtime.node import Node, NodeConfig
+from repertory.runtime.node import _GUESS_AFTER, Node, NodeConfig
 from repertory.runtime.system import ActorSystem, rebuild
 from repertory.runtime.worker import Worker, WorkerConfig
 from repertory.schemas import schema
@@ -469,6 +470,9 @@ class RawNode:
         self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
         self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
         self.sends = RawSends(client)
+        self.activated = 0
+        self.found_new = 0
+        """As the node counts them, to guess as it does that actors are new."""
 
     async def prepare(self) -> None:
         """What the node does before reading: the consumer groups, and an epoch (the lease)."""
@@ -524,12 +528,31 @@ class RawNode:
         activations = await self.client.evalsha(
             ACTIVATE.sha, len(keys), *keys, ACTIVATION_PAGE, *ids
         )
+        found_new = 0
         for actor, (_snapshot, entries) in zip(actors, activations, strict=True):
             for _entry_id, fields in entries:
                 event = self._decode_event(fields[1]).payload  # fields == [b"e", record]
                 actor.state = Count(actor.state.count + 1, actor.state.total + event.amount)
                 actor.version += 1
             actor.loaded = True
+            found_new += actor.version == 0
+        self.count_activations(len(actors), found_new)
+
+    def guess_new(self, actors: list[RawActor]) -> bool:
+        """As the node does: once most actors activated lately were new, the next ones are
+        taken as new, unread (the commit's version check would catch a wrong guess)."""
+        if self.found_new < NODE_CONFIG.new_actor_share * max(self.activated, _GUESS_AFTER):
+            return False
+        for actor in actors:
+            actor.loaded = True
+        return True
+
+    def count_activations(self, activated: int, found_new: int) -> None:
+        self.activated += activated
+        self.found_new += found_new
+        if self.activated >= 16 * _GUESS_AFTER:
+            self.activated //= 2
+            self.found_new //= 2
 
     async def handle(self) -> None:
         """A handler task: takes the next actor with messages waiting, with the ones queued
@@ -546,7 +569,8 @@ class RawNode:
                         break
                     group.append(actor)
                 inactive = [actor for actor in group if not actor.loaded]
-                if inactive:
+                guessed = len(inactive) if inactive and self.guess_new(inactive) else 0
+                if inactive and not guessed:
                     await self.activate(inactive)
                 now = _now_ms()
                 by_partition: dict[int, list[RawActor]] = {}
@@ -592,6 +616,7 @@ class RawNode:
                 status, *versions = await client.evalsha(sha, len(keys), *keys, *args)
             if status != 1:
                 raise RuntimeError(f"raw commit: status {status}")
+            self.count_activations(guessed, guessed)
             for actor, state, version in zip(ordered, states, versions, strict=True):
                 actor.state, actor.version = state, int(version)
                 if actor.waiting:

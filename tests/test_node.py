@@ -14,7 +14,7 @@ import pytest
 from repertory.actors.model import Actor, Context, Rejected, applier, command
 from repertory.runtime import node as node_module
 from repertory.runtime.node import Node, NodeConfig, PartitionLost
-from repertory.runtime.system import ActorSystem, rebuild
+from repertory.runtime.system import ActorSystem, rebuild, rebuild_many
 from repertory.runtime.testkit import SimulatedClock
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
@@ -749,6 +749,67 @@ async def test_a_message_in_the_wrong_inbox_is_dead_lettered_not_committed(
     ]
     assert [item async for item in system.store.read(stray)] == []
     assert (await partition.inbox.pending()).count == 0
+
+
+async def handle_all(system: ActorSystem, config: NodeConfig, totals: dict[str, int]) -> None:
+    """Run a node until every actor in `totals` has its total, then stop it."""
+    running = Node(system, config)
+
+    async def all_handled() -> bool:
+        views = [await system.state_of(actor) for actor in totals]
+        return [view.state.total for view in views] == list(totals.values())
+
+    async with anyio.create_task_group() as group:
+        await group.start(running.run)
+        await eventually(all_handled, timeout=30)
+        running.stop()
+
+
+async def test_once_most_actors_activated_are_new_the_node_reads_no_more_new_ones(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[Address] = []
+
+    async def counted(store: EventStore, actor: Actor[Any], addresses: Sequence[Address]) -> Any:
+        read.extend(addresses)
+        return await rebuild_many(store, actor, addresses)
+
+    monkeypatch.setattr(node_module, "rebuild_many", counted)
+    actors = {f"account/new-{i}": 1 for i in range(400)}
+    for actor in actors:
+        await system.send(actor, Deposit(1))
+    await handle_all(system, FAST, actors)
+    assert node_module._GUESS_AFTER <= len(read) < len(actors) // 2
+
+
+async def test_actors_guessed_new_that_are_not_are_handled_on_what_is_read(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guessing = replace(FAST, new_actor_share=0.0)
+    old = {f"account/old-{i}": 1 for i in range(40)}
+    for actor in old:
+        await system.send(actor, Deposit(1))
+    await handle_all(system, guessing, old)
+
+    conflicts: list[int] = []
+    commit_partitions = Partition.commit_partitions
+
+    async def recorded(self: Partition, *args: Any, **options: Any) -> GroupCommitResult:
+        result = await commit_partitions(self, *args, **options)
+        if result.status is CommitStatus.CONFLICT:
+            conflicts.append(len(result.conflicts))
+        return result
+
+    monkeypatch.setattr(Partition, "commit_partitions", recorded)
+    new = {f"account/new-{i}": 3 for i in range(40)}
+    for old_actor, new_actor in zip(old, new, strict=True):
+        await system.send(old_actor, Deposit(2))
+        await system.send(new_actor, Deposit(3))
+    await handle_all(system, guessing, {**dict.fromkeys(old, 3), **new})
+    assert sum(conflicts) == len(old)  # each old actor's guess found wrong, once
+    assert max(conflicts) > 1  # several at once, from one script call
+    for actor in old:
+        assert (await system.state_of(actor)).state.deposits == [1, 2]
 
 
 async def test_graceful_stop_releases_leases(system: ActorSystem) -> None:

@@ -74,6 +74,9 @@ from repertory.streams.partition import (
 
 logger = logging.getLogger("repertory.node")
 
+_GUESS_AFTER = 64
+"""Activations a kind's runner reads before it may guess that actors are new."""
+
 # Infrastructure failures are not the message's fault: they are retried without counting as
 # a delivery attempt, so a Redis restart never dead-letters anything.
 INFRASTRUCTURE_ERRORS = (RedisConnectionError, RedisTimeoutError)
@@ -117,6 +120,11 @@ class NodeConfig:
     free one, up to this many, whatever partitions they belong to, and what they handle is
     committed in one script call: under load, fewer round trips per message; when idle, each
     actor gets a task at once."""
+    new_actor_share: float = 0.875
+    """While at least this share of the actors the node activated lately were found new, an
+    actor it activates is handled on its initial state without reading it first (one round
+    trip fewer each). The commit's version check finds a wrong guess: that actor's messages
+    are then handled again on what is read. 0 always guesses; above 1, never."""
     lease_ttl_ms: int = 3000
     retry_base_s: float = 0.05
     retry_cap_s: float = 2.0
@@ -171,6 +179,9 @@ class _Mailbox:
     """Set when a message leaves a full mailbox: the reader waits for it."""
     address: Address | None = None
     """The actor, parsed from `key` (its messages' target) and checked once."""
+    guessed: bool = False
+    """Its view is a guess (a new actor), not read: the commit's version check confirms it,
+    or the view is dropped (see `KindRunner._activate`)."""
     careful: bool = False
     """A message of it did not go through with the actors handled with it: it goes the
     careful way, in a task of its own (see `KindRunner._care`)."""
@@ -403,6 +414,10 @@ class KindRunner:
         """The readers, the handler tasks, and the tasks of actors on the careful path."""
         self._one_read = not isinstance(node.system.client, RedisCluster)
         """Whether one read and one commit reach every member's keys (not on a Cluster)."""
+        self._activated = 0
+        self._found_new = 0
+        """Of the actors activated lately, how many, and how many were new (see
+        `NodeConfig.new_actor_share`)."""
 
     async def run(self) -> None:
         """Until cancelled (the node cancels it once every session is done)."""
@@ -565,6 +580,11 @@ class KindRunner:
         ]
         committed = await self._commit_group(group, handled_all)
         for mailbox, batch, handled, ok in zip(group, batches, handled_all, committed, strict=True):
+            if mailbox.guessed:
+                # A guess not confirmed by a commit is dropped: the careful path reads.
+                mailbox.guessed = False
+                if not ok:
+                    mailbox.view = None
             kept = len(handled) if ok else 0
             if kept < len(batch):
                 mailbox.waiting.extendleft(reversed(batch[kept:]))
@@ -596,10 +616,11 @@ class KindRunner:
         session._release(mailbox, self.node.clock.now_ms())
 
     async def _activate(self, group: list[_Mailbox], batches: list[list[_Delivery]]) -> None:
-        """Rebuild the views of the actors in `group` that have none in one round trip for all
-        those that are new or have a short log, instead of one each. An actor left without a
-        view (it cannot be rebuilt, or Redis failed) is rebuilt on its own when handled, where
-        failures are retried and reported."""
+        """Give the actors in `group` that have no view one: their initial state, unread,
+        while most actors activated lately were new (see `NodeConfig.new_actor_share`); else
+        what one round trip for all those that are new or have a short log reads, instead of
+        one each. An actor left without a view (it cannot be rebuilt, or Redis failed) is
+        rebuilt on its own when handled, where failures are retried and reported."""
         inactive: list[tuple[_Mailbox, Address]] = []
         for mailbox, batch in zip(group, batches, strict=True):
             envelope = batch[0].envelope if batch else None
@@ -608,6 +629,14 @@ class KindRunner:
                     inactive.append((mailbox, mailbox.session._address_of(mailbox, envelope)))
                 except (KeyLayoutError, UnknownKindError):
                     continue
+        if not inactive:
+            return
+        if self._found_new >= self.config.new_actor_share * max(self._activated, _GUESS_AFTER):
+            new = ActorView(0, self.actor.initial)
+            for mailbox, _ in inactive:
+                mailbox.view = new
+                mailbox.guessed = True
+            return
         if len(inactive) < 2:
             return  # no round trip to save
         try:
@@ -617,9 +646,19 @@ class KindRunner:
         except Exception as error:
             logger.debug("activating %d actors at once failed: %r", len(inactive), error)
             return
+        found_new = 0
         for (mailbox, _), view in zip(inactive, views, strict=True):
             if isinstance(view, ActorView):
                 mailbox.view = view
+                found_new += view.version == 0
+        self._count_activations(len(inactive), found_new)
+
+    def _count_activations(self, activated: int, found_new: int) -> None:
+        self._activated += activated
+        self._found_new += found_new
+        if self._activated >= 16 * _GUESS_AFTER:  # the recent ones count
+            self._activated //= 2
+            self._found_new //= 2
 
     async def _commit_group(
         self, group: list[_Mailbox], handled_all: list[list[_Handled]]
@@ -650,6 +689,8 @@ class KindRunner:
                         part.mailbox.view = None
                     break
                 if not left_out:
+                    confirmed = sum(part.mailbox.guessed for part in unit)
+                    self._count_activations(confirmed, confirmed)
                     for part in unit:
                         committed[part.index] = True
                         session = part.mailbox.session
@@ -693,11 +734,14 @@ class KindRunner:
             lost = list(sessions)[result.partition]
             lost.lose(PartitionLost(f"{lost.partition} moved to another node"))
             return [part for part in unit if part.mailbox.session is lost]
-        assert result.actor is not None
-        concerned = ordered[result.actor]  # the call's actors, in the order of `calls`
         if result.status is CommitStatus.CONFLICT:
-            concerned.mailbox.view = None
-        return [concerned]
+            conflicting = [ordered[actor] for actor, _ in result.conflicts]
+            for part in conflicting:
+                part.mailbox.view = None
+            self._count_activations(sum(part.mailbox.guessed for part in conflicting), 0)
+            return conflicting
+        assert result.actor is not None
+        return [ordered[result.actor]]  # the call's actors, in the order of `calls`
 
 
 class PartitionSession:

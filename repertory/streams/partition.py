@@ -51,6 +51,9 @@ class GroupCommitResult(NamedTuple):
     """On CONFLICT, that actor's current version; on FENCED, the partition's epoch."""
     partition: int | None = None
     """On FENCED, the position of the partition concerned."""
+    conflicts: tuple[tuple[int, int], ...] = ()
+    """On CONFLICT, every actor found with another version: its position and its version
+    (the first is `actor` and `version`)."""
 
 
 class Commit(msgspec.Struct, frozen=True, gc=False):
@@ -222,7 +225,8 @@ class Partition:
         actor = int(reply[1]) - 1
         if status is CommitStatus.DUPLICATE:
             return GroupCommitResult(status, actor=actor, position=int(reply[2]) - 1)
-        return GroupCommitResult(status, actor=actor, version=int(reply[2]))
+        conflicts = tuple((int(reply[n]) - 1, int(reply[n + 1])) for n in range(1, len(reply), 2))
+        return GroupCommitResult(status, actor=actor, version=int(reply[2]), conflicts=conflicts)
 
     async def relay(self, consumer: str, *, count: int = 200) -> int:
         """Forward committed outbox entries to their target partitions, then drop them.

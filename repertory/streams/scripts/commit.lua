@@ -15,7 +15,8 @@
 --   timers (zset: encoded envelope -> due ms), then per actor: its event stream, its
 --   handled-message stream
 -- Returns {1, version...} committed (each actor's version after it, over every partition in
--- order), {0, a, version} actor a (1-based over the call) has another version, {-1, a, i}
+-- order), {0, a, version, ...} actors a (1-based over the call) have other versions (every
+-- such actor of the partitions checked, so that a caller leaves them all out at once), {-1, a, i}
 -- message i (1-based) of actor a was handled before, {-2, p, epoch} partition p (1-based) is
 -- fenced (its committer lost it). Only a commit returns 1; else nothing is written, except
 -- that a lone message handled before is acked.
@@ -32,6 +33,7 @@ local plans = {}
 local i = 6
 local k = 1
 local numbered = 0
+local conflicts = {}
 for p = 1, partitions do
   local epoch = ARGV[i]
   local actors = tonumber(ARGV[i + 1])
@@ -77,11 +79,15 @@ for p = 1, partitions do
   for a, actor in ipairs(plan.actors) do
     local version = redis.call('XLEN', KEYS[k + 3 + 2 * a])
     if version ~= actor[1] then
-      return {0, numbered - actors + a, version}
+      conflicts[#conflicts + 1] = numbered - actors + a
+      conflicts[#conflicts + 1] = version
     end
   end
   plans[p] = plan
   k = k + 5 + 2 * actors
+end
+if #conflicts > 0 then
+  return {0, unpack(conflicts)}
 end
 
 local now = tonumber(ARGV[2])
