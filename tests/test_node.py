@@ -782,6 +782,22 @@ async def test_once_most_actors_activated_are_new_the_node_reads_no_more_new_one
     assert node_module._GUESS_AFTER <= len(read) < len(actors) // 2
 
 
+async def test_new_actors_met_one_at_a_time_stop_being_read_too(
+    system: ActorSystem, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At low load every actor is activated alone; those activations count as well."""
+    read: list[Address] = []
+
+    async def counted(store: EventStore, actor: Actor[Any], address: Address) -> Any:
+        read.append(address)
+        return await rebuild(store, actor, address)
+
+    monkeypatch.setattr(node_module, "rebuild", counted)
+    for i in range(100):
+        await system.ask(f"account/alone-{i}", Deposit(1), timeout=10)
+    assert node_module._GUESS_AFTER * 7 // 8 <= len(read) < 100
+
+
 async def test_actors_guessed_new_that_are_not_are_handled_on_what_is_read(
     system: ActorSystem, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1102,6 +1102,7 @@ class PartitionSession:
         address = self._address_of(mailbox, delivery.envelope)
         if mailbox.view is None:
             mailbox.view = await rebuild(self.system.store, self.actor, address)
+            self.runner._count_activations(1, mailbox.view.version == 0)
         return await self._handle(address, handled[-1].view if handled else mailbox.view, delivery)
 
     def _address_of(self, mailbox: _Mailbox, envelope: Envelope) -> Address:
