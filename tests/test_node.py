@@ -798,6 +798,34 @@ async def test_new_actors_met_one_at_a_time_stop_being_read_too(
     assert node_module._GUESS_AFTER * 7 // 8 <= len(read) < 100
 
 
+async def test_a_kind_whose_handlers_await_never_guesses_that_actors_are_new(
+    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `async def` handler may call out: it runs only on a state its actor had."""
+    monkeypatch.setattr(Waiter, "expected", 1)
+    monkeypatch.setattr(Waiter, "all_inside", anyio.Event(), raising=False)
+    read: list[str] = []
+
+    async def counted_many(
+        store: EventStore, actor: Actor[Any], addresses: Sequence[Address]
+    ) -> Any:
+        read.extend(map(str, addresses))
+        return await rebuild_many(store, actor, addresses)
+
+    async def counted(store: EventStore, actor: Actor[Any], address: Address) -> Any:
+        read.append(str(address))
+        return await rebuild(store, actor, address)
+
+    monkeypatch.setattr(node_module, "rebuild_many", counted_many)
+    monkeypatch.setattr(node_module, "rebuild", counted)
+    waiters = {f"waiter/w{index}": 1 for index in range(20)}
+    async with ActorSystem(Waiter(), partitions=4, client=redis) as system:
+        for actor in waiters:
+            await system.send(actor, Wait())
+        await handle_all(system, replace(FAST, new_actor_share=0.0), waiters)
+    assert sorted(read) == sorted(waiters)
+
+
 async def test_actors_guessed_new_that_are_not_are_handled_on_what_is_read(
     system: ActorSystem, monkeypatch: pytest.MonkeyPatch
 ) -> None:

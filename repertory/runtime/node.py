@@ -75,7 +75,8 @@ from repertory.streams.partition import (
 logger = logging.getLogger("repertory.node")
 
 _GUESS_AFTER = 64
-"""Activations a kind's runner reads before it may guess that actors are new."""
+"""Activations a kind's runner counts before the share of new ones among them may make it
+guess that actors are new (see `NodeConfig.new_actor_share`)."""
 
 # Infrastructure failures are not the message's fault: they are retried without counting as
 # a delivery attempt, so a Redis restart never dead-letters anything.
@@ -121,10 +122,12 @@ class NodeConfig:
     committed in one script call: under load, fewer round trips per message; when idle, each
     actor gets a task at once."""
     new_actor_share: float = 0.875
-    """While at least this share of the actors the node activated lately were found new, an
-    actor it activates is handled on its initial state without reading it first (one round
-    trip fewer each). The commit's version check finds a wrong guess: that actor's messages
-    are then handled again on what is read. 0 always guesses; above 1, never."""
+    """While at least this share of the actors of a kind the node activated lately were found
+    new, an actor of it activated is handled on its initial state without reading it first
+    (one round trip fewer each). The commit's version check finds a wrong guess: that actor's
+    messages are then handled again on what is read. Only kinds with plain-function handlers
+    guess: an `async def` handler may call out, and must not on a state its actor never had.
+    0 always guesses; above 1, never."""
     lease_ttl_ms: int = 3000
     retry_base_s: float = 0.05
     retry_cap_s: float = 2.0
@@ -418,6 +421,8 @@ class KindRunner:
         self._found_new = 0
         """Of the actors activated lately, how many, and how many were new (see
         `NodeConfig.new_actor_share`)."""
+        self._guessing = self._guess_new()
+        """Whether actors activated are guessed new, not read (plain-function kinds only)."""
 
     async def run(self) -> None:
         """Until cancelled (the node cancels it once every session is done)."""
@@ -570,7 +575,8 @@ class KindRunner:
     async def _process_group(self, group: list[_Mailbox], batches: list[list[_Delivery]]) -> None:
         """Handle each actor's batch up to its first failure and commit what went through in
         one script call. What was not committed goes back to the front of its actor's mailbox
-        (out of its batch), and the actor is marked for the careful path."""
+        (out of its batch), and the actor is marked for the careful path; a view guessed (see
+        `_activate`) and not confirmed by a commit is dropped, for that path to read."""
         await self._activate(group, batches)
         handled_all = [
             []
@@ -631,7 +637,7 @@ class KindRunner:
                     continue
         if not inactive:
             return
-        if self._found_new >= self.config.new_actor_share * max(self._activated, _GUESS_AFTER):
+        if self._guessing:
             new = ActorView(0, self.actor.initial)
             for mailbox, _ in inactive:
                 mailbox.view = new
@@ -659,6 +665,13 @@ class KindRunner:
         if self._activated >= 16 * _GUESS_AFTER:  # the recent ones count
             self._activated //= 2
             self._found_new //= 2
+        self._guessing = self._guess_new()
+
+    def _guess_new(self) -> bool:
+        share = self.config.new_actor_share
+        return not self.actor.handlers_await and (
+            self._found_new >= share * max(self._activated, _GUESS_AFTER)
+        )
 
     async def _commit_group(
         self, group: list[_Mailbox], handled_all: list[list[_Handled]]
@@ -702,9 +715,10 @@ class KindRunner:
 
     async def _commit_unit(self, unit: list["_Part"]) -> list["_Part"] | None:
         """Commit `unit` in one script call. Returns None if Redis failed, no part if it was
-        committed, else the parts to leave out before trying again (nothing was written): the
-        one with a version conflict or a message handled before, or every part of a partition
-        found lost."""
+        committed, else the parts to leave out before trying again (nothing was written): those
+        with a version conflict (a guess that they were new among them: each is counted when
+        read again), the one with a message handled before, or every part of a partition found
+        lost."""
         faults = self.node.faults
         sessions: dict[PartitionSession, list[ActorCommits]] = {}
         for part in unit:
@@ -738,7 +752,6 @@ class KindRunner:
             conflicting = [ordered[actor] for actor, _ in result.conflicts]
             for part in conflicting:
                 part.mailbox.view = None
-            self._count_activations(sum(part.mailbox.guessed for part in conflicting), 0)
             return conflicting
         assert result.actor is not None
         return [ordered[result.actor]]  # the call's actors, in the order of `calls`
