@@ -765,45 +765,8 @@ async def handle_all(system: ActorSystem, config: NodeConfig, totals: dict[str, 
         running.stop()
 
 
-async def test_once_most_actors_activated_are_new_the_node_reads_no_more_new_ones(
-    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    read: list[Address] = []
-
-    async def counted(store: EventStore, actor: Actor[Any], addresses: Sequence[Address]) -> Any:
-        read.extend(addresses)
-        return await rebuild_many(store, actor, addresses)
-
-    monkeypatch.setattr(node_module, "rebuild_many", counted)
-    actors = {f"account/new-{i}": 1 for i in range(400)}
-    for actor in actors:
-        await system.send(actor, Deposit(1))
-    await handle_all(system, FAST, actors)
-    assert node_module._GUESS_AFTER <= len(read) < len(actors) // 2
-
-
-async def test_new_actors_met_one_at_a_time_stop_being_read_too(
-    system: ActorSystem, node: Node, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """At low load every actor is activated alone; those activations count as well."""
-    read: list[Address] = []
-
-    async def counted(store: EventStore, actor: Actor[Any], address: Address) -> Any:
-        read.append(address)
-        return await rebuild(store, actor, address)
-
-    monkeypatch.setattr(node_module, "rebuild", counted)
-    for i in range(100):
-        await system.ask(f"account/alone-{i}", Deposit(1), timeout=10)
-    assert node_module._GUESS_AFTER * 7 // 8 <= len(read) < 100
-
-
-async def test_a_kind_whose_handlers_await_never_guesses_that_actors_are_new(
-    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An `async def` handler may call out: it runs only on a state its actor had."""
-    monkeypatch.setattr(Waiter, "expected", 1)
-    monkeypatch.setattr(Waiter, "all_inside", anyio.Event(), raising=False)
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The actors the node reads from the store to activate them, as they are read."""
     read: list[str] = []
 
     async def counted_many(
@@ -818,6 +781,37 @@ async def test_a_kind_whose_handlers_await_never_guesses_that_actors_are_new(
 
     monkeypatch.setattr(node_module, "rebuild_many", counted_many)
     monkeypatch.setattr(node_module, "rebuild", counted)
+    return read
+
+
+async def test_once_most_actors_activated_are_new_the_node_reads_no_more_new_ones(
+    system: ActorSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read = count_reads(monkeypatch)
+    actors = {f"account/new-{i}": 1 for i in range(400)}
+    for actor in actors:
+        await system.send(actor, Deposit(1))
+    await handle_all(system, FAST, actors)
+    assert node_module._GUESS_AFTER * 7 // 8 <= len(read) < len(actors) // 2
+
+
+async def test_new_actors_met_one_at_a_time_stop_being_read_too(
+    system: ActorSystem, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At low load every actor is activated alone; those activations count as well."""
+    read = count_reads(monkeypatch)
+    for i in range(100):
+        await system.ask(f"account/alone-{i}", Deposit(1), timeout=10)
+    assert node_module._GUESS_AFTER * 7 // 8 <= len(read) < 100
+
+
+async def test_a_kind_whose_handlers_await_never_guesses_that_actors_are_new(
+    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `async def` handler may call out: it runs only on a state its actor had."""
+    monkeypatch.setattr(Waiter, "expected", 1)
+    monkeypatch.setattr(Waiter, "all_inside", anyio.Event(), raising=False)
+    read = count_reads(monkeypatch)
     waiters = {f"waiter/w{index}": 1 for index in range(20)}
     async with ActorSystem(Waiter(), partitions=4, client=redis) as system:
         for actor in waiters:
