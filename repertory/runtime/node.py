@@ -421,8 +421,6 @@ class KindRunner:
         self._found_new = 0
         """Of the actors activated lately, how many, and how many were new (see
         `NodeConfig.new_actor_share`)."""
-        self._guessing = self._guess_new()
-        """Whether actors activated are guessed new, not read (plain-function kinds only)."""
 
     async def run(self) -> None:
         """Until cancelled (the node cancels it once every session is done)."""
@@ -637,7 +635,7 @@ class KindRunner:
                     continue
         if not inactive:
             return
-        if self._guessing:
+        if self._guess_new():
             new = ActorView(0, self.actor.initial)
             for mailbox, _ in inactive:
                 mailbox.view = new
@@ -665,9 +663,9 @@ class KindRunner:
         if self._activated >= 16 * _GUESS_AFTER:  # the recent ones count
             self._activated //= 2
             self._found_new //= 2
-        self._guessing = self._guess_new()
 
     def _guess_new(self) -> bool:
+        """Whether actors activated now are guessed new, not read (plain-function kinds only)."""
         share = self.config.new_actor_share
         return not self.actor.handlers_await and (
             self._found_new >= share * max(self._activated, _GUESS_AFTER)
@@ -742,19 +740,20 @@ class KindRunner:
                 await faults("after-commit", part.handled[0].address)
         if result.status is CommitStatus.COMMITTED:
             return []
-        ordered = [part for session in sessions for part in unit if part.mailbox.session is session]
         if result.status is CommitStatus.FENCED:
             assert result.partition is not None
             lost = list(sessions)[result.partition]
             lost.lose(PartitionLost(f"{lost.partition} moved to another node"))
             return [part for part in unit if part.mailbox.session is lost]
+        # The call's actors, in the order of `calls`: where the script's positions point.
+        ordered = [part for session in sessions for part in unit if part.mailbox.session is session]
         if result.status is CommitStatus.CONFLICT:
             conflicting = [ordered[actor] for actor, _ in result.conflicts]
             for part in conflicting:
                 part.mailbox.view = None
             return conflicting
         assert result.actor is not None
-        return [ordered[result.actor]]  # the call's actors, in the order of `calls`
+        return [ordered[result.actor]]
 
 
 class PartitionSession:
@@ -1369,12 +1368,16 @@ class PartitionSession:
 
     # Services.
 
+    def _early(self, period_s: float) -> float:
+        """The first wait of a service repeating every `period_s`: early by the partition's
+        phase (see `_phase`), never late."""
+        return period_s * (1 - self._phase / 2)
+
     async def _renew_lease(self) -> None:
         node, ttl_ms = self.node, self.config.lease_ttl_ms
         clock = node.clock
-        # Early by the partition's phase, never late: a lease is renewed at least every
-        # third of its time to live.
-        wait_s = ttl_ms / 3000 * (1 - self._phase / 2)
+        # Never late: a lease is renewed at least every third of its time to live.
+        wait_s = self._early(ttl_ms / 3000)
         while True:
             await clock.sleep(wait_s)
             wait_s = ttl_ms / 3000
@@ -1395,7 +1398,7 @@ class PartitionSession:
     async def _fire_timers(self) -> None:
         client = self.system.client
         failures = 0
-        next_wait_s = self.config.max_timer_wait_s * (1 - self._phase / 2)
+        next_wait_s = self._early(self.config.max_timer_wait_s)
         while not self.stopping:
             # A fresh event before looking: a timer committed from now on wakes the wait.
             self._timers_changed = anyio.Event()
@@ -1417,7 +1420,7 @@ class PartitionSession:
 
     async def _relay_outbox(self) -> None:
         failures = 0
-        next_wait_s = self.config.relay_poll_s * (1 - self._phase / 2)
+        next_wait_s = self._early(self.config.relay_poll_s)
         while not self.stopping:
             self._outbox_changed = anyio.Event()
             wait_s, next_wait_s = next_wait_s, self.config.relay_poll_s
