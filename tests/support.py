@@ -3,9 +3,6 @@
 from collections.abc import Awaitable, Callable
 
 import anyio
-from redis.asyncio.cluster import RedisCluster
-
-from repertory.runtime.system import ActorSystem
 
 
 async def eventually(
@@ -17,8 +14,3 @@ async def eventually(
             await anyio.sleep(every)
         return
     raise AssertionError(f"condition {condition!r} still false after {timeout} s")
-
-
-def is_cluster(system: ActorSystem) -> bool:
-    """Whether `system` runs on a Cluster, where one command reaches one partition's keys."""
-    return isinstance(system.client, RedisCluster)

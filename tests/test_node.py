@@ -17,7 +17,7 @@ from repertory.runtime.node import Node, NodeConfig, PartitionLost
 from repertory.runtime.system import ActorSystem, rebuild, rebuild_many
 from repertory.runtime.testkit import SimulatedClock
 from repertory.schemas import schema
-from repertory.streams.client import RedisClient
+from repertory.streams.client import RedisClient, is_cluster
 from repertory.streams.eventstore import EventStore
 from repertory.streams.inbox import InboxEntry, read_inboxes
 from repertory.streams.keys import Address
@@ -28,7 +28,7 @@ from repertory.streams.partition import (
     Partition,
     PartitionCommits,
 )
-from tests.support import eventually, is_cluster
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -344,7 +344,7 @@ async def test_a_node_reads_again_once_a_turn_is_free(
         running.stop()
     assert sum(reads) == len(actors)
     # A read blocked when the turn was taken brings one message more.
-    reads_per_turn = system.keys.partitions_of("account") if is_cluster(system) else 1
+    reads_per_turn = system.keys.partitions_of("account") if is_cluster(system.client) else 1
     assert len(reads) <= 2 * reads_per_turn
 
 

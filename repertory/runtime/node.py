@@ -34,7 +34,6 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -59,6 +58,7 @@ from repertory.runtime.system import (
 )
 from repertory.schemas import Envelope
 from repertory.schemas.errors import DecodeError, RepertoryError
+from repertory.streams.client import is_cluster
 from repertory.streams.inbox import InboxEntry, read_inboxes
 from repertory.streams.keys import Address, KeyLayoutError
 from repertory.streams.membership import Membership
@@ -415,7 +415,7 @@ class KindRunner:
         self._idle_handlers = 0
         self._tasks: TaskGroup
         """The readers, the handler tasks, and the tasks of actors on the careful path."""
-        self._one_read = not isinstance(node.system.client, RedisCluster)
+        self._one_read = not is_cluster(node.system.client)
         """Whether one read and one commit reach every member's keys (not on a Cluster)."""
         self._activated = 0
         self._found_new = 0

@@ -21,9 +21,8 @@ from collections import deque
 from typing import Any
 
 import anyio
-import redis.asyncio.cluster
 
-from repertory.streams.client import RedisClient
+from repertory.streams.client import RedisClient, is_cluster
 from repertory.streams.inbox import MESSAGE_FIELD
 from repertory.streams.scripts import ADD_MESSAGES
 
@@ -124,7 +123,7 @@ class StreamAppender:
     async def _send(self, batch: list[_Add]) -> list[Any]:
         if len(batch) == 1:
             return [await self.client.xadd(batch[0].stream, {MESSAGE_FIELD: batch[0].message})]
-        if isinstance(self.client, redis.asyncio.cluster.RedisCluster):
+        if is_cluster(self.client):
             pipe = self.client.pipeline(transaction=False)
             for add in batch:
                 pipe.xadd(add.stream, {MESSAGE_FIELD: add.message})

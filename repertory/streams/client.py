@@ -36,6 +36,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from repertory.schemas.errors import RepertoryError
 
 RedisClient: TypeAlias = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+
+def is_cluster(client: RedisClient) -> bool:
+    """Whether `client` talks to a Cluster, where one command or script reaches the keys of
+    one slot only (one partition's), not every key."""
+    return isinstance(client, redis.asyncio.cluster.RedisCluster)
+
+
 T = TypeVar("T")
 
 STANDALONE_SCHEMES = ("redis", "rediss", "unix")

@@ -9,7 +9,7 @@ import redis.asyncio
 from repertory.schemas import Codec, EventRecord, SnapshotRecord
 from repertory.schemas.codec import decode_event_record
 from repertory.schemas.errors import DecodeError, RepertoryError
-from repertory.streams.client import RedisClient
+from repertory.streams.client import RedisClient, is_cluster
 from repertory.streams.keys import Address, KeyLayout, events_key, snapshots_key
 from repertory.streams.scripts import ACTIVATE, APPEND
 
@@ -287,7 +287,7 @@ class EventStore:
         load."""
         count = min(self.read_batch, ACTIVATION_PAGE)
         groups: dict[str, list[int]] = {}
-        one_call = isinstance(self.client, redis.asyncio.Redis)
+        one_call = not is_cluster(self.client)
         for index, address in enumerate(addresses):
             group = "" if one_call else self.keys.snapshots_of(address)
             groups.setdefault(group, []).append(index)
