@@ -116,8 +116,8 @@ COMMIT_ACTORS: int = getattr(NODE_CONFIG, "commit_actors", 1)
 
 # The raw baseline calls the node's commit script itself (repertory/streams/scripts/commit.lua)
 # by its SHA1 with the arguments the node passes. Per message: XADD event(s), XADD handled
-# message, ZADD seen; per call: epoch check, dedupe checks, version check, seen-set trimming,
-# XACK + XDEL of the batch's inbox entries.
+# message, ZADD seen; per call: epoch check, dedupe checks, version check, XACK + XDEL of the
+# batch's inbox entries, and each partition's seen-set pruned once a second.
 
 
 @schema(ADD_TYPE)
@@ -466,6 +466,7 @@ class RawNode:
             ]
             for number in range(PARTITIONS)
         ]
+        self.trimmed_at: list[int | None] = [None] * PARTITIONS
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(RawEnvelope).decode
         self._decode_event = msgspec.msgpack.Decoder(RawEventRecord).decode
@@ -538,6 +539,15 @@ class RawNode:
             found_new += actor.version == 0
         self.count_activations(len(actors), found_new)
 
+    def trim_due(self, number: int, now_ms: int) -> int:
+        """As a node's partition does: whether this commit prunes partition `number`'s
+        seen-set, once per `SeenWindow.trim_every_ms`."""
+        last = self.trimmed_at[number]
+        if last is not None and 0 <= now_ms - last < SEEN.trim_every_ms:
+            return 0
+        self.trimmed_at[number] = now_ms
+        return 1
+
     def guess_new(self, actors: list[RawActor]) -> bool:
         """As the node does: once most actors activated lately were new, the next ones are
         taken as new, unread (the commit's version check would catch a wrong guess)."""
@@ -589,7 +599,7 @@ class RawNode:
                 states = []
                 for number, actors in by_partition.items():
                     keys.extend(self.partition_keys[number])
-                    args.extend((self.epoch, len(actors)))
+                    args.extend((self.epoch, self.trim_due(number, now), len(actors)))
                     for actor in actors:
                         waiting = actor.waiting
                         batch = [waiting.popleft() for _ in range(min(len(waiting), COMMIT_BATCH))]

@@ -76,6 +76,8 @@ class KeyLayout:
             raise KeyLayoutError(f"partitions must be >= 1, got {partitions}")
         self.partitions = partitions
         self.per_kind = dict(per_kind or {})
+        self._inboxes: dict[tuple[str, int], str] = {}
+        """Inbox keys made so far: every send names one."""
         for kind, count in self.per_kind.items():
             _check_name("actor kind", kind)
             if count < 1:
@@ -116,7 +118,10 @@ class KeyLayout:
         return self.snapshots(address.kind, self.partition_of(address))
 
     def inbox(self, kind: str, partition: int) -> str:
-        return f"{self.tag(kind, partition)}:inbox"
+        key = self._inboxes.get((kind, partition))
+        if key is None:
+            key = self._inboxes[kind, partition] = f"{self.tag(kind, partition)}:inbox"
+        return key
 
     def inbox_of(self, address: Address) -> str:
         return self.inbox(address.kind, self.partition_of(address))

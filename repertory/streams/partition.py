@@ -101,10 +101,16 @@ class PartitionCommits(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class SeenWindow:
-    """How long, and how many, handled message ids a partition remembers for dedupe."""
+    """How long, and how many, handled message ids a partition remembers for dedupe.
+
+    A commit prunes the partition's older ids once `trim_every_ms` has passed since its
+    committer last did (by the time it commits at): between two prunings the set may hold the
+    ids of that span beyond `limit`, and ids older than `window_ms` by up to that span. Pruning
+    at every commit cost two more commands per partition in each script call."""
 
     window_ms: int = 24 * 3600 * 1000
     limit: int = 100_000
+    trim_every_ms: int = 1000
 
 
 class Partition:
@@ -120,6 +126,9 @@ class Partition:
         self.outbox_key = keys.outbox(kind, number)
         self.timers_key = keys.timers(kind, number)
         self.seen_key = keys.seen(kind, number)
+        self._trimmed_at_ms: int | None = None
+        """When a commit through this object last pruned the seen-set (see `SeenWindow`): a
+        call that does not commit prunes nothing."""
         self.epoch_key = keys.epoch(kind, number)
         self.lease_key = keys.lease(kind, number)
 
@@ -166,15 +175,23 @@ class Partition:
         )
 
     async def commit_partitions(
-        self, parts: Sequence[PartitionCommits], *, now_ms: int, seen: SeenWindow
+        self,
+        parts: Sequence[PartitionCommits],
+        *,
+        now_ms: int,
+        seen: SeenWindow,
+        checked: bool = False,
     ) -> GroupCommitResult:
         """Commit the actors of several partitions of this kind in one script call, through
         this partition's client (every commit goes through here): all of them, or (on a
         conflict or a duplicate in any of them, or a lost epoch) none. The partitions' keys
-        must be reachable by one script: on a Cluster, one partition at a time."""
+        must be reachable by one script: on a Cluster, one partition at a time. `checked`
+        says that each actor is known to be of its partition (a node checks an actor's
+        address once, when its first message arrives), else each is checked here."""
         group = self.group
         args: list[Any] = [group, now_ms, seen.window_ms, seen.limit, len(parts)]
         keys: list[str] = []
+        pruned: list[Partition] = []
         for partition, epoch, actors in parts:
             if partition.group != group:
                 raise ValueError(f"{partition} is not of the kind of {self}")
@@ -187,10 +204,15 @@ class Partition:
                     partition.timers_key,
                 )
             )
-            args.extend(("" if epoch is None else epoch, len(actors)))
+            trim = partition._trim_due(now_ms, seen)
+            if trim:
+                pruned.append(partition)
+            args.extend(("" if epoch is None else epoch, int(trim), len(actors)))
             tag, layout, number = partition.tag, partition.keys, partition.number
             for address, expected_version, commits in actors:
-                if address.kind != partition.kind or layout.partition_of(address) != number:
+                if not checked and (
+                    address.kind != partition.kind or layout.partition_of(address) != number
+                ):
                     raise KeyLayoutError(f"{address} is not an actor of {partition}")
                 keys.extend((events_key(tag, address.id), handled_key(tag, address.id)))
                 args.extend((expected_version, len(commits)))
@@ -217,6 +239,8 @@ class Partition:
         reply = await COMMIT(self.client, keys, args)
         status = CommitStatus(int(reply[0]))
         if status is CommitStatus.COMMITTED:
+            for partition in pruned:
+                partition._trimmed_at_ms = now_ms
             return GroupCommitResult(status, tuple(int(version) for version in reply[1:]))
         if status is CommitStatus.FENCED:
             return GroupCommitResult(
@@ -227,6 +251,11 @@ class Partition:
             return GroupCommitResult(status, actor=actor, position=int(reply[2]) - 1)
         conflicts = tuple((int(reply[n]) - 1, int(reply[n + 1])) for n in range(1, len(reply), 2))
         return GroupCommitResult(status, actor=actor, version=int(reply[2]), conflicts=conflicts)
+
+    def _trim_due(self, now_ms: int, seen: SeenWindow) -> bool:
+        """Whether a commit at `now_ms` prunes the seen-set (a clock gone back: at once)."""
+        last = self._trimmed_at_ms
+        return last is None or not 0 <= now_ms - last < seen.trim_every_ms
 
     async def relay(self, consumer: str, *, count: int = 200) -> int:
         """Forward committed outbox entries to their target partitions, then drop them.

@@ -395,12 +395,17 @@ class _RecordingPartition(Partition):
         return epoch
 
     async def commit_partitions(
-        self, parts: Sequence[PartitionCommits], *, now_ms: int, seen: SeenWindow
+        self,
+        parts: Sequence[PartitionCommits],
+        *,
+        now_ms: int,
+        seen: SeenWindow,
+        checked: bool = False,
     ) -> GroupCommitResult:
         # Every commit goes through here, of one actor or of several partitions' actors.
         ledger = self.view.ledger
         started = ledger.tick()
-        result = await super().commit_partitions(parts, now_ms=now_ms, seen=seen)
+        result = await super().commit_partitions(parts, now_ms=now_ms, seen=seen, checked=checked)
         if result.status is CommitStatus.COMMITTED:
             actors = [(part, actor) for part in parts for actor in part.actors]
             for (part, actor), version in zip(actors, result.versions, strict=True):

@@ -3,7 +3,8 @@
 -- slot of their own, so there a call commits one partition; a standalone server takes several.
 -- ARGV[1] consumer group      ARGV[2] now (ms)      ARGV[3] seen window (ms)
 -- ARGV[4] seen-set size limit ARGV[5] number of partitions
--- then per partition: the epoch its committer holds ('' = unfenced), its number of actors,
+-- then per partition: the epoch its committer holds ('' = unfenced), whether to prune its
+--   seen-set ('1') or not ('0': its committer did lately), its number of actors,
 --   then per actor: its expected version, its number of messages, then per message, in
 --   handling order: inbox entry id ('' when not from the inbox), dedupe id, the handled
 --   message as received, why it was rejected ('' = accepted), when it was handled (ms, the
@@ -35,9 +36,9 @@ local k = 1
 local numbered = 0
 local conflicts = {}
 for p = 1, partitions do
-  local epoch = ARGV[i]
-  local actors = tonumber(ARGV[i + 1])
-  i = i + 2
+  local epoch, trim = ARGV[i], ARGV[i + 1]
+  local actors = tonumber(ARGV[i + 2])
+  i = i + 3
   if epoch ~= '' then
     local current = redis.call('GET', KEYS[k + 2])
     if current ~= epoch then
@@ -45,7 +46,7 @@ for p = 1, partitions do
     end
   end
   -- Every message's dedupe id, in order: the partition's seen-set is asked once for all.
-  local plan = {keys = k, actors = {}, ids = {}}
+  local plan = {keys = k, actors = {}, ids = {}, trim = trim == '1'}
   local messages = {}
   for a = 1, actors do
     numbered = numbered + 1
@@ -141,10 +142,10 @@ for p = 1, partitions do
   if #members > 0 then
     redis.call('ZADD', seen, unpack(members))
   end
-  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - tonumber(ARGV[3]))
-  local excess = redis.call('ZCARD', seen) - tonumber(ARGV[4])
-  if excess > 0 then
-    redis.call('ZREMRANGEBYRANK', seen, 0, excess - 1)
+  if plans[p].trim then
+    -- Older than the window, then beyond the limit (the most recent `limit` ids stay).
+    redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - tonumber(ARGV[3]))
+    redis.call('ZREMRANGEBYRANK', seen, 0, -tonumber(ARGV[4]) - 1)
   end
   ack(inbox, entry_ids)
 end
