@@ -19,7 +19,10 @@ repertory's client packs them with hiredis (`repertory.streams.client`).
 
 With 100,000 actors every message activates an actor; the row "activated beforehand" has each
 actor handle one message off the clock first, which tells the cost of activating an actor from
-the cost of having many.
+the cost of having many. The row "flatness" runs the node alone at each of those actor counts,
+the counts taking turns within each round: the machine's speed drifts from one minute to the
+next, so rows run one after another compare each with its raw baseline but not with each
+other.
 
 The task queues are compared twice: end to end (sent while handled, the senders in this
 process) and as a backlog drained (every message sent before the runtime or the worker starts;
@@ -55,6 +58,7 @@ from benchmarks.harness import (
     DEFAULT_ROUNDS,
     Benchmark,
     Environment,
+    RoundRunner,
     Sample,
     Suite,
     SuiteFactory,
@@ -91,6 +95,9 @@ ADDED_TYPE = "bench.runtime.added"
 COUNT_TYPE = "bench.runtime.count"
 RAW_TARGET = 0.4
 QUEUE_TARGET = 10.0
+FLAT_TARGET = 0.9
+"""The least rate with many actors, as a share of the rate with one (the issue's "within 10 %
+from 1 to 100,000 actors")."""
 SENDERS = 16
 """Concurrent senders in the throughput rounds (async tasks; threads for Dramatiq and Celery)."""
 QUEUE_SENDER_THREADS = 4
@@ -818,6 +825,38 @@ def _throughput(
     )
 
 
+def _flatness(rig: Rig, few: int, many: int, messages: int) -> Benchmark:
+    node, _ = _runtimes(rig)
+
+    def at(actors: int, count: int, tag: str, *, activated: bool = False) -> RoundRunner:
+        async def node_round(round_index: int) -> Sample:
+            app = f"f{tag}n{round_index}"
+            return await throughput_round(rig, node, app, actors, count, activated=activated)
+
+        return node_round
+
+    return Benchmark(
+        name="flatness, the node from 1 to 100,000 actors",
+        description=(
+            f"the rows end to end with the node alone, taking turns within each round: "
+            f"{messages:,} messages to 1 and to {few:,} actors, {many:,} to {many:,} actors "
+            "(new, then activated beforehand); each rate against the rate with one actor in "
+            "the same round"
+        ),
+        unit="msgs",
+        variants=[
+            Variant("repertory node, 1 actor", at(1, messages, "1"), baseline=True),
+            Variant(f"{few:,} actors", at(few, messages, "k"), target=FLAT_TARGET),
+            Variant(f"{many:,} actors", at(many, many, "m"), target=FLAT_TARGET),
+            Variant(
+                f"{many:,} actors, activated beforehand",
+                at(many, many, "w", activated=True),
+                target=FLAT_TARGET,
+            ),
+        ],
+    )
+
+
 def _latency(rig: Rig, rate: int, messages: int, actors: int) -> Benchmark:
     node, raw = _runtimes(rig)
 
@@ -1318,6 +1357,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             _throughput(rig, few, env.size(10_000, 200), "k"),
             _throughput(rig, many, many, "m"),
             _throughput(rig, many, many, "w", activated=True),
+            _flatness(rig, few, many, env.size(20_000, 200)),
             _sends(rig, few, env.size(20_000, 200)),
             *queues,
             *[
@@ -1337,6 +1377,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
 
 ROW_GROUPS: dict[str, Callable[[str], bool]] = {
     "actors": lambda name: name.startswith("end to end,"),
+    "flatness": lambda name: name.startswith("flatness"),
     "sends": lambda name: name == "sends",
     "queues": lambda name: name.endswith("vs task queues"),
     "latency": lambda name: name.startswith("latency"),
@@ -1361,7 +1402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m benchmarks.bench_runtime",
         description="Some rows of the runtime suite alone: the sends and the activations take "
         "seconds, the task queues and the latencies a few minutes each, the whole suite about "
-        "nine: actors (end to end with 1, 1,000 and 100,000 actors), sends (no node running), "
+        "twelve: actors (end to end with 1, 1,000 and 100,000 actors), flatness (the node "
+        "alone at those counts, taking turns), sends (no node running), "
         "queues (against Dramatiq and Celery), latency, activation.",
     )
     parser.add_argument("what", choices=list(ROW_GROUPS))

@@ -229,14 +229,17 @@ async def test_a_quick_runtime_run_gives_results_for_every_variant() -> None:
         (benchmark.name, variant.name) for benchmark in seen for variant in benchmark.variants
     }
     names = [benchmark.name for benchmark in seen]
-    # Throughput at three actor counts and with the most actors activated beforehand, sends
-    # alone, latency at 1,000 msg/s for the three actor counts and at 1,500 msg/s for 1,000
-    # actors, three activations, and the task queues (sent while handled, and a backlog
-    # drained) when the bench extra is installed.
+    # Throughput at three actor counts and with the most actors activated beforehand, the
+    # node alone at those counts taking turns (flatness), sends alone, latency at 1,000 msg/s
+    # for the three actor counts and at 1,500 msg/s for 1,000 actors, three activations, and
+    # the task queues (sent while handled, and a backlog drained) when the bench extra is
+    # installed.
     queues = task_queues_installed()
-    assert len(seen) == 12 + 2 * queues, names
+    assert len(seen) == 13 + 2 * queues, names
     assert sum(name.startswith("latency") for name in names) == 4
     assert sum("activated beforehand" in name for name in names) == 1
+    (flatness,) = [benchmark for benchmark in seen if benchmark.name.startswith("flatness")]
+    assert [variant.target for variant in flatness.variants] == [None, 0.9, 0.9, 0.9]
     assert sum("task queues" in name for name in names) == 2 * queues
     assert {(result.benchmark, result.variant) for result in report.results} == expected
     for result in report.results:
