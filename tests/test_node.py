@@ -13,7 +13,7 @@ import pytest
 
 from repertory.actors.model import Actor, Context, Rejected, applier, command
 from repertory.runtime import node as node_module
-from repertory.runtime.node import Node, NodeConfig, PartitionLost
+from repertory.runtime.node import Node, NodeConfig, PartitionLost, _take_turn
 from repertory.runtime.system import ActorSystem, rebuild, rebuild_many
 from repertory.runtime.testkit import SimulatedClock
 from repertory.schemas import schema
@@ -859,3 +859,33 @@ async def test_graceful_stop_releases_leases(system: ActorSystem) -> None:
         await running.stopped.wait()
     owners = [await system.partition("account", p).owner() for p in range(4)]
     assert owners == [None, None, None, None]
+
+
+async def test_a_free_turn_is_taken_without_going_round_the_event_loop() -> None:
+    """A handler task's turn, when one is free, is taken at once: the tasks waiting to run
+    (the reader's next read, the senders) do not come first (anyio's `acquire` lets them)."""
+    turns = anyio.CapacityLimiter(1)
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(other)
+        await _take_turn(turns)
+        assert ran == []
+        # None free: it waits until one is given back.
+        waiting = anyio.Event()
+
+        async def second() -> None:
+            waiting.set()
+            await _take_turn(turns)
+            ran.append("second")
+            turns.release()
+
+        tasks.start_soon(second)
+        await waiting.wait()
+        await anyio.lowlevel.checkpoint()
+        assert ran == ["other"]
+        turns.release()
+    assert ran == ["other", "second"]
