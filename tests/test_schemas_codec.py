@@ -3,6 +3,7 @@ size limits hold both ways, JSON output is plain JSON, old payloads are upcast o
 
 import datetime
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -24,6 +25,7 @@ from repertory.schemas import (
     UnknownTypeError,
     UnknownVersionError,
     UnregisteredTypeError,
+    new_message_id,
 )
 from repertory.schemas.codec import decode_event_record
 
@@ -735,3 +737,13 @@ def test_records_written_by_other_clients_are_read() -> None:
             "application/msgpack",  # the default: content_type is informational only
         )
         assert codec.message_of(envelope) == Reading(1.5, 2, [], {7: 1})
+
+
+def test_message_ids_are_distinct_version_4_uuids_written_as_uuid_writes_them() -> None:
+    ids = [new_message_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for message_id in ids:
+        parsed = uuid.UUID(message_id)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == message_id
