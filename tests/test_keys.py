@@ -19,7 +19,7 @@ def test_every_key_of_an_actor_partition_shares_one_cluster_slot(actor_id: str) 
         keys.snapshots("account", partition),
         keys.inbox("account", partition),
         keys.dead_letters("account", partition),
-        keys.log("account", partition),
+        keys.outbox("account", partition),
         keys.lease("account", partition),
         keys.epoch("account", partition),
         keys.timers("account", partition),
@@ -27,7 +27,10 @@ def test_every_key_of_an_actor_partition_shares_one_cluster_slot(actor_id: str) 
         keys.snapshots_of(address),
         keys.inbox_of(address),
     ]
-    slots = {key_slot(key.encode()) for key in [keys.events(address), *per_partition]}
+    slots = {
+        key_slot(key.encode())
+        for key in [keys.events(address), keys.handled(address), *per_partition]
+    }
     assert len(slots) == 1
 
 

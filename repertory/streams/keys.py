@@ -133,10 +133,6 @@ class KeyLayout:
     def dead_letters(self, kind: str, partition: int) -> str:
         return f"{self.tag(kind, partition)}:dead"
 
-    def log(self, kind: str, partition: int) -> str:
-        """The partition's commit log, in commit order (projections, event bus)."""
-        return f"{self.tag(kind, partition)}:log"
-
     def lease(self, kind: str, partition: int) -> str:
         return f"{self.tag(kind, partition)}:lease"
 
