@@ -26,7 +26,7 @@ from benchmarks.harness import (
     sequential,
     timed,
 )
-from repertory.schemas import schema
+from repertory.schemas import Envelope, new_message_id, schema
 from repertory.streams.client import create_client
 from repertory.streams.eventstore import EVENT_FIELD, EventStore
 from repertory.streams.keys import Address, KeyLayout
@@ -143,7 +143,7 @@ async def raw_replay(client: "redis.asyncio.Redis", key: str) -> int:
     while True:
         entries = await client.execute_command(b"XRANGE", key, lower, b"+", b"COUNT", READ_BATCH)
         for _entry_id, fields in entries:
-            decode(fields[1])  # fields == [EVENT_FIELD, record]: nothing else is written
+            decode(fields[1])  # the record is the entry's first field
         count += len(entries)
         if len(entries) < READ_BATCH:
             return count
@@ -358,11 +358,36 @@ def _replay(
     address = Address(KIND, "replayed")
     key = layout.events(address)
 
+    inline_key = layout.events(Address(KIND, "replayed-with-messages"))
+    handled = msgspec.msgpack.encode(
+        Envelope(
+            id=new_message_id(),
+            type="bench.deposit",
+            schema_version=1,
+            target=str(address),
+            payload=msgspec.Raw(msgspec.msgpack.encode(events[0])),
+            created_at=int(time.time() * 1000),
+            correlation_id=new_message_id(),
+        )
+    )
+
     async def prepare() -> None:
         written = 0
         while written < total:
             count = min(EVENT_POOL, total - written)
             written = await store.append(address, events[:count], written)
+        # The same events, each entry also holding the message that caused it: the layout
+        # that would spare a commit its per-actor stream of handled messages.
+        lower = b"-"
+        while entries := await raw.client.execute_command(
+            b"XRANGE", key, lower, b"+", b"COUNT", READ_BATCH
+        ):
+            pipeline = raw.client.pipeline(transaction=False)
+            for entry_id, fields in entries:
+                inline = {EVENT_FIELD: fields[1], "m": handled, "at": 0, "n": 1}
+                pipeline.xadd(inline_key, inline, id=entry_id)
+            await pipeline.execute()
+            lower = b"(" + entries[-1][0]
 
     async def repertory_round(round_index: int) -> Sample:
         async def body() -> None:
@@ -385,12 +410,19 @@ def _replay(
 
         return await timed(total, body)
 
+    async def inline_round(round_index: int) -> Sample:
+        async def body() -> None:
+            _check(f"entries read from {inline_key}", await raw.replay(inline_key), total)
+
+        return await timed(total, body)
+
     return Benchmark(
         name=f"replay {total:,} events",
         description=(
             f"one actor's {total:,}-event stream read with XRANGE in batches of {READ_BATCH:,}, "
             "each event decoded into its typed struct; for reference, the same through "
-            "redis-py's xrange() and its reply callback"
+            "redis-py's xrange() and its reply callback, and the same events stored with the "
+            f"{len(handled)}-byte message that caused each"
         ),
         unit="events",
         prepare=prepare,
@@ -398,5 +430,6 @@ def _replay(
             Variant("raw redis-py", raw_round, baseline=True),
             Variant("repertory", repertory_round, target=TARGET),
             Variant("raw, redis-py xrange()", parsed_round),
+            Variant("raw, each event with its handled message", inline_round),
         ],
     )
