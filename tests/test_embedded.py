@@ -325,6 +325,21 @@ def test_kill_without_a_server_is_an_error(make_server: MakeServer) -> None:
         make_server().kill()
 
 
+def test_a_new_stream_takes_its_own_size_not_a_default_node(make_server: MakeServer) -> None:
+    """An actor's streams mostly stay small; at the servers' default `stream-node-max-bytes`
+    each new one would hold 4 KB."""
+    server = make_server()
+    server.start()
+    with connect(server) as client:
+        assert client.config_get("stream-node-max-bytes") == {
+            "stream-node-max-bytes": str(embedded.STREAM_NODE_MAX_BYTES)
+        }
+        client.xadd("one-event", {"e": b"x" * 150}, id="1-0")
+        usage = client.memory_usage("one-event", samples=0)
+        assert usage is not None
+        assert usage < 1.5 * embedded.STREAM_NODE_MAX_BYTES < 4096
+
+
 def test_restart_keeps_the_data(make_server: MakeServer) -> None:
     server = make_server()
     server.start()
