@@ -197,7 +197,7 @@ class _IdleActor(msgspec.Struct, frozen=True, gc=False):
     without every full collection walking them: with 100,000 actors as mailboxes (a record and
     a deque each), full collections paused the node for 120-220 ms. It keeps no `Address`: a
     named tuple is tracked for as long as it lives (the collector lets go only of plain tuples),
-    and 100,000 of them made each full collection 40-80 ms."""
+    and with 100,000 idle actors a full collection took 52-62 ms, against 0.2-0.4 ms without."""
 
     view: ActorView
     last_used_ms: int
