@@ -191,17 +191,16 @@ class _Mailbox:
 
 
 class _IdleActor(msgspec.Struct, frozen=True, gc=False):
-    """An actor with no message waiting: its view, when it last handled one, and whether its
-    first message's check found its address in the partition. Not tracked by the garbage
-    collector (nor is its view), so that a node keeps hundreds of thousands of idle actors
-    without every full collection walking them: with 100,000 actors as mailboxes (a record and
-    a deque each), full collections paused the node for 120-220 ms. It keeps no `Address`: a
-    named tuple is tracked for as long as it lives (the collector lets go only of plain tuples),
-    and with 100,000 idle actors a full collection took 52-62 ms, against 0.2-0.4 ms without."""
+    """An actor with no message waiting: its view, and when it last handled one. Not tracked
+    by the garbage collector (nor is its view), so that a node keeps hundreds of thousands of
+    idle actors without every full collection walking them: with 100,000 actors as mailboxes (a
+    record and a deque each), full collections paused the node for 120-220 ms. It keeps no
+    `Address` (its next mailbox makes one from its key): a named tuple is tracked for as long as
+    it lives (the collector lets go only of plain tuples), and with 100,000 idle actors a full
+    collection took 52-62 ms, against 0.2-0.4 ms without."""
 
     view: ActorView
     last_used_ms: int
-    checked: bool
 
 
 class _Handled(msgspec.Struct, frozen=True, gc=False):
@@ -939,12 +938,8 @@ class PartitionSession:
                 idle = self.idle.pop(key, None)
                 if idle is None:
                     mailbox = self.mailboxes[key] = _Mailbox(key, self)
-                else:
-                    address = (
-                        Address(self.partition.kind, key[len(self._target_prefix) :])
-                        if idle.checked
-                        else None
-                    )
+                else:  # its target was checked before it had a view (see `_address_of`)
+                    address = Address(self.partition.kind, key[len(self._target_prefix) :])
                     mailbox = self.mailboxes[key] = _Mailbox(key, self, idle.view, address=address)
             while len(mailbox.waiting) >= mailbox_size and self.lost is None:
                 self.runner._hand_out()
@@ -986,7 +981,7 @@ class PartitionSession:
         # An actor whose view could not be kept (undecodable messages, failures) is not kept.
         if mailbox.view is not None:
             # Most recently used last.
-            self.idle[mailbox.key] = _IdleActor(mailbox.view, now_ms, mailbox.address is not None)
+            self.idle[mailbox.key] = _IdleActor(mailbox.view, now_ms)
 
     def _settled(self, count: int) -> None:
         """`count` messages left the mailboxes: handled, dead-lettered, or left pending."""
