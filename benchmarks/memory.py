@@ -25,7 +25,7 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.harness import empty
+from benchmarks.nodes import KIND, Bench
 from repertory.runtime.node import Node
 from repertory.runtime.system import ActorSystem, rebuild
 from repertory.streams.client import RedisClient, create_client
@@ -34,7 +34,6 @@ from repertory.streams.keys import Address
 from tests.counter_system import PARTITIONS, Add, Added
 from tests.counter_system import Counter as CounterActor
 
-KIND = "counter"
 SERVER_DEFAULT = 4096
 """`stream-node-max-bytes` in Redis 7+ and Valkey unless configured."""
 APPEND_BATCH = 1000
@@ -53,17 +52,10 @@ async def _used_memory(client: RedisClient) -> int:
     return int((await client.info("memory"))["used_memory"])
 
 
-async def _committed(client: RedisClient, system: ActorSystem) -> int:
-    counts = [
-        int(await client.zcard(system.partition(KIND, number).seen_key))
-        for number in range(PARTITIONS)
-    ]
-    return sum(counts)
-
-
-async def many_actors(client: RedisClient, system: ActorSystem, actors: int) -> float:
+async def many_actors(bench: Bench, actors: int) -> float:
     """Bytes of server memory per actor once each of `actors` handled one message."""
-    await empty(client)
+    client, system = bench.client, bench.system
+    await bench.reset()
     before = await _used_memory(client)
     codec, keys = system.codec, system.keys
     for first in range(0, actors, APPEND_BATCH):
@@ -77,7 +69,7 @@ async def many_actors(client: RedisClient, system: ActorSystem, actors: int) -> 
     async with anyio.create_task_group() as group:
         await group.start(node.run)
         deadline = time.monotonic() + 600
-        while await _committed(client, system) < actors:
+        while await bench.committed() < actors:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{actors:,} messages not committed within 600 s")
             await asyncio.sleep(0.05)
@@ -86,10 +78,11 @@ async def many_actors(client: RedisClient, system: ActorSystem, actors: int) -> 
     return (await _used_memory(client) - before) / actors
 
 
-async def long_log(client: RedisClient, system: ActorSystem, events: int) -> tuple[float, float]:
+async def long_log(bench: Bench, events: int) -> tuple[float, float]:
     """Bytes per event of one actor's `events`-event stream, and the median time in ms to
     rebuild the actor from it."""
-    await empty(client)
+    client, system = bench.client, bench.system
+    await bench.reset()
     address = Address(KIND, "long")
     store = system.store
     written = 0
@@ -112,14 +105,15 @@ async def measure(url: str, actors: int, events: int, console: Console) -> list[
     rows = []
     try:
         system = ActorSystem(CounterActor(), app="memory", partitions=PARTITIONS, client=client)
+        bench = Bench(client, url, system)
         for node_max_bytes in (SERVER_DEFAULT, STREAM_NODE_MAX_BYTES):
             await client.config_set("stream-node-max-bytes", node_max_bytes)
-            per_actor = await many_actors(client, system, actors)
+            per_actor = await many_actors(bench, actors)
             console.print(f"[dim]{node_max_bytes}: {per_actor:,.0f} B per actor[/]")
-            per_event, rebuild_ms = await long_log(client, system, events)
+            per_event, rebuild_ms = await long_log(bench, events)
             console.print(f"[dim]{node_max_bytes}: {per_event:,.0f} B per event[/]")
             rows.append(Row(node_max_bytes, per_actor, per_event, rebuild_ms))
-        await empty(client)
+        await bench.reset()
     finally:
         await client.aclose()
     return rows
