@@ -60,7 +60,7 @@ def is_running(pid: int) -> bool:
     """Alive and not a zombie (Linux)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or during the read
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
 
@@ -246,6 +246,17 @@ def test_a_server_that_never_answers_times_out(
     # The silent process was killed, not left behind.
     silent_pid = int(pid_file.read_text())
     wait_for(lambda: not is_running(silent_pid))
+
+
+def test_a_process_that_exits_while_its_stat_is_read_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Linux answers a read of /proc/PID/stat with ESRCH when the process exits after the open.
+    def exited_during_read(self: Path, *args: object, **kwargs: object) -> str:
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(Path, "read_text", exited_during_read)
+    assert embedded._process_name(os.getpid()) is None
 
 
 def dead_pid() -> int:

@@ -123,7 +123,7 @@ def _process_name(pid: int) -> str | None:
     """The executable name of a live, non-zombie process; None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or during the read
         return None
     except OSError:  # no /proc (macOS): ask ps
         result = subprocess.run(
