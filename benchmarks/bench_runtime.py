@@ -69,6 +69,7 @@ from benchmarks.harness import (
     sequential,
 )
 from repertory.actors.model import Actor, Context, applier, command
+from repertory.runtime import eventloop
 from repertory.runtime.node import _GUESS_AFTER, Node, NodeConfig
 from repertory.runtime.system import ActorSystem, rebuild
 from repertory.runtime.worker import Worker, WorkerConfig
@@ -1411,8 +1412,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args(argv)
     only = Suite("runtime", args.what, _rows_of(args.what))
-    report = asyncio.run(
-        run_suites([only], rounds=args.rounds, quick=args.quick, console=Console(stderr=True))
+    report = eventloop.run(
+        partial(
+            run_suites, [only], rounds=args.rounds, quick=args.quick, console=Console(stderr=True)
+        )
     )
     print(render_markdown(report), end="")
 

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from redis.asyncio.connection import DefaultParser
 from rich.console import Console
 from rich.table import Table
 
+from repertory.runtime import eventloop
 from repertory.streams.client import RedisClient
 from repertory.streams.embedded import EmbeddedServer, Fsync
 
@@ -354,6 +356,7 @@ def _machine_meta(rounds: int, quick: bool) -> dict[str, Any]:
         "hiredis": _package_version("hiredis"),
         "parser": DefaultParser.__name__,
         "msgspec": _package_version("msgspec"),
+        "event_loop": _event_loop(),
         "transport": "unix socket",
         "appendfsync": APPENDFSYNC,
         "rounds": rounds,
@@ -479,8 +482,13 @@ def _machine(meta: Mapping[str, Any]) -> str:
     return (
         f"{meta['nproc']} CPUs ({meta['cpu']}) · Python {meta['python']} · redis-py "
         f"{meta['redis_py']} with hiredis {meta['hiredis']} ({meta['parser']}) · msgspec "
-        f"{meta['msgspec']} · {load}"
+        f"{meta['msgspec']} · {meta.get('event_loop', 'asyncio')} event loop · {load}"
     )
+
+
+def _event_loop() -> str:
+    name = eventloop.event_loop_name()
+    return f"uvloop {_package_version('uvloop')}" if name == "uvloop" else name
 
 
 def _latency(seconds: float | None) -> str:
@@ -601,7 +609,9 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
         parser.error("--rounds must be >= 1")
     out = console or Console()
     progress = Console(stderr=True) if console is None else console
-    report = asyncio.run(run_suites(selected, rounds=rounds, quick=args.quick, console=progress))
+    report = eventloop.run(
+        partial(run_suites, selected, rounds=rounds, quick=args.quick, console=progress)
+    )
     if args.markdown:
         out.print(render_markdown(report), markup=False, highlight=False, soft_wrap=True)
     else:

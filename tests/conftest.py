@@ -8,14 +8,16 @@ from collections.abc import AsyncIterator, Iterator
 import fakeredis
 import pytest
 
+from repertory.runtime.eventloop import event_loop_name
 from repertory.streams.client import RedisClient, create_client
 from repertory.streams.embedded import EmbeddedServer
 from tests.cluster import local_cluster
 
 
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    # The loop the runtime's processes run on (REPERTORY_EVENT_LOOP=asyncio tests the other).
+    return "asyncio", {"use_uvloop": event_loop_name() == "uvloop"}
 
 
 @pytest.fixture(scope="session")

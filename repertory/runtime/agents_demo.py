@@ -46,6 +46,7 @@ from repertory.actors.agents import (
     Strategy,
     TaskCompleted,
 )
+from repertory.runtime import eventloop
 from repertory.runtime.agents_followers import (
     Cursor,
     Dispatcher,
@@ -480,13 +481,13 @@ def run_demo(url: str | None, data_dir: Path, *, config: DemoConfig | None = Non
         logging.getLogger(name).propagate = False
     try:
         if url is not None:
-            report = anyio.run(_run_until_sigterm, url, config, console)
+            report = eventloop.run(_run_until_sigterm, url, config, console)
         else:
             # The logs stay in data_dir (AOF) for `repertory replay`; the server is stopped
             # again only if this run started it, so no process outlives the demo.
             with EmbeddedServer(data_dir) as server:
                 console.print(f"embedded valkey-server at {server.url} (data in {data_dir})")
-                report = anyio.run(_run_until_sigterm, server.url, config, console)
+                report = eventloop.run(_run_until_sigterm, server.url, config, console)
     finally:
         for name in ("repertory.agents", "repertory.supervisor"):
             logging.getLogger(name).removeHandler(handler)

@@ -31,6 +31,7 @@ from repertory.actors.agents import (
     Register,
     Strategy,
 )
+from repertory.runtime import eventloop
 from repertory.runtime.system import ActorSystem
 from repertory.runtime.worker import TaskHandler, Worker, WorkerConfig
 from repertory.streams.keys import Address
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.monotonic()
     system = agents_system(args.url, app=args.app)
-    count = anyio.run(_serve_until_signal, system, handler, options)
+    count = eventloop.run(_serve_until_signal, system, handler, options)
     _log_event(
         "agent exiting",
         "agent.exit",

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repertory.actors.model import Actor, Context, Rejected, applier, command
+from repertory.runtime import eventloop
 from repertory.runtime.node import Node
 from repertory.runtime.system import ActorSystem
 from repertory.schemas import schema
@@ -119,11 +120,11 @@ async def _run(system: ActorSystem, console: Console) -> None:
 def run_demo(url: str | None, data_dir: Path) -> None:
     console = Console()
     if url is not None:
-        anyio.run(_run, ActorSystem(Account(), url=url, app="demo", partitions=4), console)
+        eventloop.run(_run, ActorSystem(Account(), url=url, app="demo", partitions=4), console)
         return
     # The log stays in data_dir (AOF) for `repertory replay`; the server is stopped again only
     # if this run started it, so no process outlives the demo.
     with EmbeddedServer(data_dir) as server:
         console.print(f"embedded valkey-server at {server.url} (data in {data_dir})")
         demo_system = ActorSystem(Account(), url=server.url, app="demo", partitions=4)
-        anyio.run(_run, demo_system, console)
+        eventloop.run(_run, demo_system, console)

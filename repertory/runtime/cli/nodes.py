@@ -58,8 +58,7 @@ def run(
     On a signal it stops reading, finishes and commits the messages in hand, releases its
     partitions and exits 0.
     """
-    import anyio
-
+    from repertory.runtime import eventloop
     from repertory.runtime.node import NodeConfig, default_node_id
     from repertory.runtime.runner import load_system, serve
 
@@ -71,7 +70,7 @@ def run(
         config = NodeConfig(
             node_id=node_id or default_node_id(), shutdown_timeout_s=shutdown_timeout
         )
-        anyio.run(serve, actor_system, config)
+        eventloop.run(serve, actor_system, config)
 
 
 class WorkerStrategy(enum.StrEnum):
@@ -149,6 +148,7 @@ def spawn(
     """
     import anyio
 
+    from repertory.runtime import eventloop
     from repertory.runtime.supervisor import Supervisor, SupervisorConfig
 
     if (system is None) == (workers is None):
@@ -229,9 +229,9 @@ def spawn(
 
     def supervise(server_url: str) -> None:
         if system is not None:
-            anyio.run(supervise_nodes, server_url, system)
+            eventloop.run(supervise_nodes, server_url, system)
         elif workers is not None and queue is not None:
-            anyio.run(supervise_workers, server_url, workers, queue)
+            eventloop.run(supervise_workers, server_url, workers, queue)
 
     with reported():
         if url is not None:
