@@ -1,6 +1,6 @@
-"""The event loop repertory's commands run on: uvloop where it is installed (a dependency
-everywhere but Windows), which spends less CPU per message than the standard asyncio loop;
-`REPERTORY_EVENT_LOOP=asyncio` picks the standard loop instead."""
+"""The event loop repertory's processes run on (nodes, workers, the demos): uvloop where it is
+installed (a dependency everywhere but Windows), which spends less CPU per message than the
+standard asyncio loop; `REPERTORY_EVENT_LOOP=asyncio` picks the standard loop instead."""
 
 import importlib.util
 import os
