@@ -482,7 +482,7 @@ def _machine(meta: Mapping[str, Any]) -> str:
     return (
         f"{meta['nproc']} CPUs ({meta['cpu']}) · Python {meta['python']} · redis-py "
         f"{meta['redis_py']} with hiredis {meta['hiredis']} ({meta['parser']}) · msgspec "
-        f"{meta['msgspec']} · {meta.get('event_loop', 'asyncio')} event loop · {load}"
+        f"{meta['msgspec']} · {meta['event_loop']} event loop · {load}"
     )
 
 
