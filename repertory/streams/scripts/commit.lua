@@ -20,24 +20,27 @@
 -- such actor of the partitions checked, so that a caller leaves them all out at once), {-1, a, i}
 -- message i (1-based) of actor a was handled before, {-2, p, epoch} partition p (1-based) is
 -- fenced (its committer lost it). Only a commit returns 1; else nothing is written, except
--- that a lone message handled before is acked.
-local function ack(inbox, entry_ids)
-  if #entry_ids > 0 then
-    redis.call('XACK', inbox, ARGV[1], unpack(entry_ids))
-    redis.call('XDEL', inbox, unpack(entry_ids))
+local function ack(inbox, entry_ids, first, last)
+  if last >= first then
+    redis.call('XACK', inbox, ARGV[1], unpack(entry_ids, first, last))
+    redis.call('XDEL', inbox, unpack(entry_ids, first, last))
   end
 end
 
--- Where each partition's keys and each actor's arguments start; every check before any write.
+-- Every check before any write. What the writes need is kept in flat arrays over the whole
+-- call, not in tables per partition, actor or message: a commit of many actors spread over
+-- many partitions allocates (and collects) no more than one of a single actor.
 local partitions = tonumber(ARGV[5])
-local plans = {}
-local i = 6
-local k = 1
-local numbered = 0
+local part_key, part_trim, part_actor, part_id = {}, {}, {}, {}  -- p -> its first key, ...
+local actor_version, actor_count, actor_arg = {}, {}, {}        -- actor (over the call) -> ...
+local ids, id_actor, id_message, id_arg = {}, {}, {}, {}        -- message (over the call) -> ...
 local conflicts = {}
+local i, k, actors_seen, messages_seen = 6, 1, 0, 0
 for p = 1, partitions do
-  local epoch, trim = ARGV[i], ARGV[i + 1]
+  local epoch = ARGV[i]
   local actors = tonumber(ARGV[i + 2])
+  part_key[p], part_trim[p] = k, ARGV[i + 1] == '1'
+  part_actor[p], part_id[p] = actors_seen + 1, messages_seen + 1
   i = i + 3
   if epoch ~= '' then
     local current = redis.call('GET', KEYS[k + 2])
@@ -45,17 +48,16 @@ for p = 1, partitions do
       return {-2, p, current or ''}
     end
   end
-  -- Every message's dedupe id, in order: the partition's seen-set is asked once for all.
-  local plan = {keys = k, actors = {}, ids = {}, trim = trim == '1'}
-  local messages = {}
-  for a = 1, actors do
-    numbered = numbered + 1
+  for _ = 1, actors do
+    actors_seen = actors_seen + 1
     local count = tonumber(ARGV[i + 1])
-    plan.actors[a] = {tonumber(ARGV[i]), count, i + 2}
+    actor_version[actors_seen], actor_count[actors_seen] = tonumber(ARGV[i]), count
+    actor_arg[actors_seen] = i + 2
     i = i + 2
     for m = 1, count do
-      plan.ids[#plan.ids + 1] = ARGV[i + 1]
-      messages[#messages + 1] = {numbered, m, ARGV[i]}
+      messages_seen = messages_seen + 1
+      ids[messages_seen], id_actor[messages_seen] = ARGV[i + 1], actors_seen
+      id_message[messages_seen], id_arg[messages_seen] = m, i
       i = i + 5
       i = i + tonumber(ARGV[i]) + 1
       i = i + tonumber(ARGV[i]) + 1
@@ -63,45 +65,53 @@ for p = 1, partitions do
       i = i + 3 * tonumber(ARGV[i]) + 1
     end
   end
-  if #plan.ids > 0 then
-    local scores = redis.call('ZMSCORE', KEYS[k + 1], unpack(plan.ids))
-    local earlier = {}
-    for n, id in ipairs(plan.ids) do
-      if scores[n] or earlier[id] then  -- handled before, or twice in this call
-        local message = messages[n]
-        if partitions == 1 and #plan.ids == 1 and message[3] ~= '' then
-          ack(KEYS[k], {message[3]})
+  -- The partition's dedupe ids, in order: its seen-set is asked once for all of them.
+  local first = part_id[p]
+  if messages_seen >= first then
+    local scores = redis.call('ZMSCORE', KEYS[k + 1], unpack(ids, first, messages_seen))
+    local earlier = messages_seen > first and {} or nil  -- a lone id cannot repeat
+    for n = first, messages_seen do
+      local id = ids[n]
+      if scores[n - first + 1] or (earlier and earlier[id]) then  -- handled before, or twice
+        local entry_id = ARGV[id_arg[n]]
+        if partitions == 1 and messages_seen == 1 and entry_id ~= '' then
+          ack(KEYS[k], {entry_id}, 1, 1)
         end
-        return {-1, message[1], message[2]}
+        return {-1, id_actor[n], id_message[n]}
       end
-      earlier[id] = true
+      if earlier then earlier[id] = true end
     end
   end
-  for a, actor in ipairs(plan.actors) do
-    local version = redis.call('XLEN', KEYS[k + 3 + 2 * a])
-    if version ~= actor[1] then
-      conflicts[#conflicts + 1] = numbered - actors + a
+  local events_key = k + 5
+  for a = part_actor[p], actors_seen do
+    local version = redis.call('XLEN', KEYS[events_key])
+    if version ~= actor_version[a] then
+      conflicts[#conflicts + 1] = a
       conflicts[#conflicts + 1] = version
     end
+    events_key = events_key + 2
   end
-  plans[p] = plan
   k = k + 5 + 2 * actors
 end
 if #conflicts > 0 then
   return {0, unpack(conflicts)}
 end
+part_actor[partitions + 1], part_id[partitions + 1] = actors_seen + 1, messages_seen + 1
 
 local now = tonumber(ARGV[2])
-local versions = {1}
+local versions, entry_ids, members = {1}, {}, {}
+local entries = 0
 for p = 1, partitions do
-  k = plans[p].keys
+  k = part_key[p]
   local inbox, seen, outbox, timers = KEYS[k], KEYS[k + 1], KEYS[k + 3], KEYS[k + 4]
-  local entry_ids = {}
-  for a, plan in ipairs(plans[p].actors) do
-    local events_key, handled_key = KEYS[k + 3 + 2 * a], KEYS[k + 4 + 2 * a]
-    local version, count = plan[1], plan[2]
-    i = plan[3]
-    for _ = 1, count do
+  local first_entry = entries + 1
+  local key = k + 5
+  for a = part_actor[p], part_actor[p + 1] - 1 do
+    local events_key, handled_key = KEYS[key], KEYS[key + 1]
+    key = key + 2
+    local version = actor_version[a]
+    i = actor_arg[a]
+    for _ = 1, actor_count[a] do
       local entry_id, handled, rejected = ARGV[i], ARGV[i + 2], ARGV[i + 3]
       local handled_at = ARGV[i + 4]
       local before = version
@@ -130,23 +140,27 @@ for p = 1, partitions do
         redis.call('XADD', outbox, '*', 'due', ARGV[at], 'to', ARGV[at + 1], 'm', ARGV[at + 2])
       end
       i = i + 3 * n + 1
-      if entry_id ~= '' then entry_ids[#entry_ids + 1] = entry_id end
+      if entry_id ~= '' then
+        entries = entries + 1
+        entry_ids[entries] = entry_id
+      end
     end
-    versions[#versions + 1] = version
+    versions[a + 1] = version
   end
-  local members = {}
-  for n, id in ipairs(plans[p].ids) do
-    members[2 * n - 1] = now
-    members[2 * n] = id
+  local first, last = part_id[p], part_id[p + 1] - 1
+  if last >= first then
+    local m = 0
+    for n = first, last do
+      members[m + 1], members[m + 2] = now, ids[n]
+      m = m + 2
+    end
+    redis.call('ZADD', seen, unpack(members, 1, m))
   end
-  if #members > 0 then
-    redis.call('ZADD', seen, unpack(members))
-  end
-  if plans[p].trim then
+  if part_trim[p] then
     -- Older than the window, then beyond the limit (the most recent `limit` ids stay).
     redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - tonumber(ARGV[3]))
     redis.call('ZREMRANGEBYRANK', seen, 0, -tonumber(ARGV[4]) - 1)
   end
-  ack(inbox, entry_ids)
+  ack(inbox, entry_ids, first_entry, entries)
 end
 return versions
