@@ -1030,7 +1030,8 @@ async def task_queue_round(
     rig: Rig, round_index: int, messages: int, *, backlog: bool = False
 ) -> Sample:
     """repertory's own task queue (R5): no-op tasks enqueued by QUEUE_SENDER_THREADS
-    concurrent senders, taken by QUEUE_WORKER_THREADS workers of this process, each task
+    concurrent senders, taken by a worker of this process running QUEUE_WORKER_THREADS at once
+    (as Dramatiq's worker runs that many threads), each task
     settled with a result; the clock runs from the first enqueue until the last result, or
     with `backlog` from the workers' start, every task enqueued before it."""
     queue = TaskQueue(rig.client, f"bench-{round_index}-{uuid.uuid4().hex[:6]}")
@@ -1055,9 +1056,8 @@ async def task_queue_round(
         await enqueue_all()
     start = time.perf_counter()
     async with anyio.create_task_group() as group:
-        for index in range(QUEUE_WORKER_THREADS):
-            worker = Worker(queue, noop, WorkerConfig(worker_id=f"w{index}", block_ms=50))
-            group.start_soon(worker.run)
+        config = WorkerConfig(worker_id="w", block_ms=50, concurrency=QUEUE_WORKER_THREADS)
+        group.start_soon(Worker(queue, noop, config).run)
         if not backlog:
             await enqueue_all()
         await _until(all_settled, timeout=60 + messages / 100, what=f"{messages:,} tasks")

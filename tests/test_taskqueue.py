@@ -97,29 +97,74 @@ async def test_a_dead_workers_task_is_taken_over_after_the_visibility_timeout(
     assert taken.id
 
 
-async def test_a_long_task_keeps_its_claim_by_heartbeating(redis: RedisClient) -> None:
+@pytest.mark.parametrize("tasks", [1, 3])
+async def test_long_tasks_keep_their_claims_by_heartbeating(redis: RedisClient, tasks: int) -> None:
+    """One task, or several in hand at once: the worker renews every claim it holds."""
     queue = TaskQueue(redis, "long")
     await queue.ensure()
-    await queue.enqueue(Square(3))
-    started = anyio.Event()
+    for n in range(tasks):
+        await queue.enqueue(Square(n))
+    started = 0
+    all_started = anyio.Event()
     release = anyio.Event()
 
     async def slow(task: msgspec.Struct) -> Squared:
-        started.set()
+        nonlocal started
+        started += 1
+        if started == tasks:
+            all_started.set()
         await release.wait()
         return await square(task)
 
     visibility = 0.6
-    owner = Worker(queue, slow, config("owner", visibility_timeout_s=visibility))
+    owner = Worker(queue, slow, config("owner", visibility_timeout_s=visibility, concurrency=tasks))
     thief = Worker(queue, square, config("thief", visibility_timeout_s=visibility))
     async with anyio.create_task_group() as group:
         group.start_soon(lambda: owner.run(until_empty=True))
-        await started.wait()
+        with anyio.fail_after(10):
+            await all_started.wait()
         group.start_soon(lambda: thief.run(until_empty=True))
-        # Let the task run through three visibility timeouts while the thief keeps looking.
+        # Let the tasks run through three visibility timeouts while the thief keeps looking.
         await anyio.sleep(3 * visibility)
-        assert [row.consumer for row in await queue.inbox.pending_entries()] == ["owner"]
+        assert [row.consumer for row in await queue.inbox.pending_entries()] == ["owner"] * tasks
         release.set()
-    ((_, result),) = await queue.results()
-    assert result.worker == "owner"
+    results = [result for _, result in await queue.results()]
+    assert [result.worker for result in results] == ["owner"] * tasks
     assert thief.handled == 0
+
+
+async def test_a_worker_runs_as_many_tasks_at_once_as_its_concurrency(
+    redis: RedisClient,
+) -> None:
+    queue = TaskQueue(redis, "concurrent")
+    await queue.ensure()
+    ids = [await queue.enqueue(Square(n)) for n in range(7)]
+    running = most = 0
+    three_running = anyio.Event()
+    gate = anyio.Event()
+
+    async def held(task: msgspec.Struct) -> Squared:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        if running == 3:
+            three_running.set()
+        await gate.wait()
+        running -= 1
+        return await square(task)
+
+    worker = Worker(queue, held, config("w", concurrency=3))
+    async with anyio.create_task_group() as group:
+        group.start_soon(partial(worker.run, until_empty=True))
+        with anyio.fail_after(10):
+            await three_running.wait()
+        gate.set()
+    assert most == 3
+    assert sorted(result.task_id for _, result in await queue.results()) == sorted(ids)
+    assert worker.handled == 7
+    assert await queue.unsettled() == 0
+
+
+def test_a_worker_needs_room_for_one_task() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        WorkerConfig(concurrency=0)
