@@ -74,7 +74,7 @@ from repertory.runtime.node import _GUESS_AFTER, Node, NodeConfig
 from repertory.runtime.system import ActorSystem, rebuild
 from repertory.runtime.worker import Worker, WorkerConfig
 from repertory.schemas import schema
-from repertory.streams.appender import MAX_BATCH
+from repertory.streams.batching import MAX_BATCH
 from repertory.streams.client import ClientConfig, RedisClient, create_client
 from repertory.streams.eventstore import ACTIVATION_PAGE, EventStore
 from repertory.streams.inbox import MESSAGE_FIELD

@@ -1,6 +1,7 @@
 """The task queue and its workers: parallel consumers, retries, dead letters, heartbeats."""
 
 from functools import partial
+from typing import Any
 
 import anyio
 import msgspec
@@ -168,3 +169,38 @@ async def test_a_worker_runs_as_many_tasks_at_once_as_its_concurrency(
 def test_a_worker_needs_room_for_one_task() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         WorkerConfig(concurrency=0)
+
+
+async def test_tasks_that_finish_together_settle_together_each_once(
+    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = TaskQueue(redis, "together")
+    await queue.ensure()
+    for n in range(4):
+        await queue.enqueue(Square(n))
+    entries = await queue.inbox.read("w", count=4)
+    envelopes = [queue.decode(entry)[0] for entry in entries]
+    # The first was settled already: another worker took it over and finished it.
+    assert await queue.complete("other", entries[0], envelopes[0], None)
+    calls = 0
+    evalsha = redis.evalsha
+
+    async def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await evalsha(*args)
+
+    monkeypatch.setattr(redis, "evalsha", counted)
+    settled: dict[int, bool] = {}
+
+    async def complete(index: int) -> None:
+        settled[index] = await queue.complete("w", entries[index], envelopes[index], None)
+
+    async with anyio.create_task_group() as group:
+        for index in range(4):
+            group.start_soon(complete, index)
+    assert settled == {0: False, 1: True, 2: True, 3: True}
+    assert calls < 4  # the first goes alone; those that came while it was out, together
+    workers = [result.worker for _, result in await queue.results()]
+    assert sorted(workers) == ["other", "w", "w", "w"]
+    assert await queue.unsettled() == 0

@@ -11,6 +11,7 @@ import msgspec
 from repertory.schemas import Codec, Envelope
 from repertory.schemas.records import now_ms
 from repertory.streams.appender import StreamAppender
+from repertory.streams.batching import Batcher
 from repertory.streams.client import RedisClient
 from repertory.streams.inbox import Inbox, InboxEntry
 from repertory.streams.keys import KeyLayout
@@ -54,6 +55,10 @@ class TaskQueue:
         self.appended_key = f"{tag}:appended"
         self.inbox = Inbox(client, self.tasks_key, WORKERS_GROUP)
         self._appender = StreamAppender(client)
+        self._settles: Batcher[tuple[bytes, list[tuple[str, bytes]]], int] = Batcher(
+            self._settle_batch
+        )
+        """Tasks that finish together (a worker's concurrent ones) settle in one call."""
         self._result_decoder = msgspec.msgpack.Decoder(TaskResult)
 
     async def ensure(self) -> None:
@@ -141,9 +146,16 @@ class TaskQueue:
         return await self._settle(entry, appends)
 
     async def _settle(self, entry: InboxEntry, appends: list[tuple[str, bytes]]) -> bool:
-        keys = [self.tasks_key, *(key for key, _ in appends)]
-        args = [WORKERS_GROUP, entry.id, *(message for _, message in appends)]
-        return bool(await SETTLE(self.client, keys, args))
+        return bool(await self._settles.submit((entry.id, appends)))
+
+    async def _settle_batch(self, batch: list[tuple[bytes, list[tuple[str, bytes]]]]) -> list[int]:
+        keys = [self.tasks_key, self.results_key, self.dead_key]
+        args: list[bytes | str | int] = [WORKERS_GROUP]
+        for entry_id, appends in batch:
+            args += [entry_id, len(appends)]
+            for key, message in appends:
+                args += [keys.index(key) + 1, message]
+        return [int(settled) for settled in await SETTLE(self.client, keys, args)]
 
     async def results(
         self, *, after: bytes | str = b"0", count: int = 1000
