@@ -687,6 +687,21 @@ def _addresses(actors: int) -> list[Address]:
     return [Address(KIND, f"c{index}") for index in range(actors)]
 
 
+def _addresses_in(partitions: Sequence[int], each: int) -> list[Address]:
+    """`each` actors of every one of `partitions`: the first ids that fall in it."""
+    layout = KeyLayout("any", partitions=PARTITIONS)  # where an id falls is the app's choice
+    found: dict[int, list[Address]] = {number: [] for number in partitions}
+    index = 0
+    while any(len(addresses) < each for addresses in found.values()):
+        address = Address(KIND, f"c{index}")
+        addresses = found.get(layout.partition_of(address))
+        if addresses is not None and len(addresses) < each:
+            addresses.append(address)
+        index += 1
+    # Round-robin over the partitions, as the senders go over the actors.
+    return [found[number][turn] for turn in range(each) for number in partitions]
+
+
 async def _send_round_robin(send: Send, addresses: Sequence[Address], messages: int) -> None:
     """`messages` sent round-robin to `addresses` by `SENDERS` concurrent senders."""
 
@@ -700,13 +715,21 @@ async def _send_round_robin(send: Send, addresses: Sequence[Address], messages: 
 
 
 async def throughput_round(
-    rig: Rig, runtime: Runtime, app: str, actors: int, messages: int, *, activated: bool = False
+    rig: Rig,
+    runtime: Runtime,
+    app: str,
+    actors: int | Sequence[Address],
+    messages: int,
+    *,
+    activated: bool = False,
 ) -> Sample:
-    """`messages` sent round-robin to `actors` actors by `SENDERS` concurrent senders while the
-    runtime handles them; the clock stops when the last one is committed. With `activated`,
-    every actor first handles one message off the clock, so none is activated on it."""
+    """`messages` sent round-robin to `actors` actors (or to those addresses) by `SENDERS`
+    concurrent senders while the runtime handles them; the clock stops when the last one is
+    committed. With `activated`, every actor first handles one message off the clock, so none
+    is activated on it."""
     layout = KeyLayout(app, partitions=PARTITIONS)
-    addresses = _addresses(actors)
+    addresses = _addresses(actors) if isinstance(actors, int) else actors
+    actors = len(addresses)
     warm_up = actors if activated else 0
     clock = time.perf_counter
     async with runtime(app, None) as driver:
@@ -853,6 +876,40 @@ def _flatness(rig: Rig, few: int, many: int, messages: int) -> Benchmark:
                 f"{many:,} actors, activated beforehand",
                 at(many, many, "w", activated=True),
                 target=FLAT_TARGET,
+            ),
+        ],
+    )
+
+
+def _spread(rig: Rig, few: int, messages: int) -> Benchmark:
+    """Where the flatness gap comes from: more actors, and more partitions in each commit."""
+    node, _ = _runtimes(rig)
+
+    def at(addresses: list[Address], tag: str) -> RoundRunner:
+        async def node_round(round_index: int) -> Sample:
+            return await throughput_round(rig, node, f"s{tag}n{round_index}", addresses, messages)
+
+        return node_round
+
+    every = range(PARTITIONS)
+    return Benchmark(
+        name="flatness, actors against partitions",
+        description=(
+            f"{messages:,} messages with the node alone, taking turns within each round: more "
+            "actors in one partition, against as many spread over the partitions (the commits "
+            "then reach several partitions each); each rate against the rate with one actor"
+        ),
+        unit="msgs",
+        variants=[
+            Variant("repertory node, 1 actor", at(_addresses_in([0], 1), "1"), baseline=True),
+            Variant(
+                f"{PARTITIONS} actors of one partition", at(_addresses_in([0], PARTITIONS), "p")
+            ),
+            Variant(f"{PARTITIONS} actors, one per partition", at(_addresses_in(every, 1), "e")),
+            Variant(f"{few:,} actors of one partition", at(_addresses_in([0], few), "k")),
+            Variant(
+                f"{few:,} actors over the partitions",
+                at(_addresses(few), "s"),
             ),
         ],
     )
@@ -1359,6 +1416,7 @@ async def suite(env: Environment) -> AsyncIterator[Sequence[Benchmark]]:
             _throughput(rig, many, many, "m"),
             _throughput(rig, many, many, "w", activated=True),
             _flatness(rig, few, many, env.size(20_000, 200)),
+            _spread(rig, few, env.size(20_000, 200)),
             _sends(rig, few, env.size(20_000, 200)),
             *queues,
             *[
@@ -1404,7 +1462,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Some rows of the runtime suite alone: the sends and the activations take "
         "seconds, the task queues and the latencies a few minutes each, the whole suite about "
         "twelve: actors (end to end with 1, 1,000 and 100,000 actors), flatness (the node "
-        "alone at those counts, taking turns), sends (no node running), "
+        "alone at those counts, taking turns, and more actors against more partitions), sends "
+        "(no node running), "
         "queues (against Dramatiq and Celery), latency, activation.",
     )
     parser.add_argument("what", choices=list(ROW_GROUPS))
