@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from benchmarks.bench_runtime import task_queues_installed
+from benchmarks.bench_runtime import PARTITIONS, _addresses_in, task_queues_installed
 from benchmarks.harness import (
     WARMUP_ROUNDS,
     Benchmark,
@@ -31,6 +31,7 @@ from benchmarks.harness import (
     sequential,
     summarize,
 )
+from repertory.streams.keys import KeyLayout
 
 
 def _quiet() -> Console:
@@ -230,16 +231,17 @@ async def test_a_quick_runtime_run_gives_results_for_every_variant() -> None:
     }
     names = [benchmark.name for benchmark in seen]
     # Throughput at three actor counts and with the most actors activated beforehand, the
-    # node alone at those counts taking turns (flatness), sends alone, latency at 1,000 msg/s
-    # for the three actor counts and at 1,500 msg/s for 1,000 actors, three activations, and
-    # the task queues (sent while handled, and a backlog drained) when the bench extra is
-    # installed.
+    # node alone at those counts taking turns (flatness) and with actors in one partition or
+    # spread over them, sends alone, latency at 1,000 msg/s for the three actor counts and at
+    # 1,500 msg/s for 1,000 actors, three activations, and the task queues (sent while
+    # handled, and a backlog drained) when the bench extra is installed.
     queues = task_queues_installed()
-    assert len(seen) == 13 + 2 * queues, names
+    assert len(seen) == 14 + 2 * queues, names
     assert sum(name.startswith("latency") for name in names) == 4
     assert sum("activated beforehand" in name for name in names) == 1
-    (flatness,) = [benchmark for benchmark in seen if benchmark.name.startswith("flatness")]
+    flatness, spread = [benchmark for benchmark in seen if benchmark.name.startswith("flatness")]
     assert [variant.target for variant in flatness.variants] == [None, 0.9, 0.9, 0.9]
+    assert [variant.baseline for variant in spread.variants] == [True] + [False] * 4
     assert sum("task queues" in name for name in names) == 2 * queues
     assert {(result.benchmark, result.variant) for result in report.results} == expected
     for result in report.results:
@@ -275,3 +277,14 @@ def test_the_command_line_refuses_an_unknown_suite(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["no-such-suite"], console=_quiet())
     assert "unknown suite" in capsys.readouterr().err
+
+
+def test_the_actors_against_partitions_are_where_the_row_says() -> None:
+    layout = KeyLayout("any", partitions=PARTITIONS)
+    one = _addresses_in([0], 16)
+    assert len(set(one)) == 16
+    assert {layout.partition_of(address) for address in one} == {0}
+    each = _addresses_in(range(PARTITIONS), 2)
+    # Round-robin over the partitions, two actors of each.
+    assert [layout.partition_of(address) for address in each] == [*range(PARTITIONS)] * 2
+    assert len(set(each)) == 2 * PARTITIONS
