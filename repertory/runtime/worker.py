@@ -121,12 +121,13 @@ class Worker:
 
     async def _work(self, entry: InboxEntry) -> None:
         try:
-            await self._settle(entry)
+            await self._handle(entry)
         finally:
             self._in_hand.discard(entry.id)
             self._room.set()
 
-    async def _settle(self, entry: InboxEntry) -> None:
+    async def _handle(self, entry: InboxEntry) -> None:
+        """Run the task's handler and settle the task with its outcome."""
         queue, worker = self.queue, self.worker_id
         try:
             envelope, task = queue.decode(entry)
