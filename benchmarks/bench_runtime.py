@@ -729,8 +729,7 @@ async def throughput_round(
     is activated on it."""
     layout = KeyLayout(app, partitions=PARTITIONS)
     addresses = _addresses(actors) if isinstance(actors, int) else actors
-    actors = len(addresses)
-    warm_up = actors if activated else 0
+    warm_up = len(addresses) if activated else 0
     clock = time.perf_counter
     async with runtime(app, None) as driver:
         if warm_up:
@@ -907,10 +906,7 @@ def _spread(rig: Rig, few: int, messages: int) -> Benchmark:
             ),
             Variant(f"{PARTITIONS} actors, one per partition", at(_addresses_in(every, 1), "e")),
             Variant(f"{few:,} actors of one partition", at(_addresses_in([0], few), "k")),
-            Variant(
-                f"{few:,} actors over the partitions",
-                at(_addresses(few), "s"),
-            ),
+            Variant(f"{few:,} actors over the partitions", at(_addresses(few), "s")),
         ],
     )
 
@@ -1088,9 +1084,9 @@ async def task_queue_round(
 ) -> Sample:
     """repertory's own task queue (R5): no-op tasks enqueued by QUEUE_SENDER_THREADS
     concurrent senders, taken by a worker of this process running QUEUE_WORKER_THREADS at once
-    (as Dramatiq's worker runs that many threads), each task
-    settled with a result; the clock runs from the first enqueue until the last result, or
-    with `backlog` from the workers' start, every task enqueued before it."""
+    (as Dramatiq's worker runs that many threads), each task settled with a result; the clock
+    runs from the first enqueue until the last result, or with `backlog` from the worker's
+    start, every task enqueued before it."""
     queue = TaskQueue(rig.client, f"bench-{round_index}-{uuid.uuid4().hex[:6]}")
     await queue.ensure()
 
