@@ -37,13 +37,14 @@ def config(name: str, **overrides: float) -> WorkerConfig:
     return WorkerConfig(worker_id=name, block_ms=20, **overrides)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 async def test_workers_share_the_queue_and_every_task_gets_one_result(
-    redis: RedisClient,
+    redis: RedisClient, concurrency: int
 ) -> None:
     queue = TaskQueue(redis, "squares")
     await queue.ensure()
     ids = [await queue.enqueue(Square(n)) for n in range(30)]
-    workers = [Worker(queue, square, config(f"w{i}")) for i in range(3)]
+    workers = [Worker(queue, square, config(f"w{i}", concurrency=concurrency)) for i in range(3)]
     async with anyio.create_task_group() as group:
         for worker in workers:
             group.start_soon(partial(worker.run, until_empty=True))
@@ -56,14 +57,16 @@ async def test_workers_share_the_queue_and_every_task_gets_one_result(
     assert await queue.unsettled() == 0
 
 
-async def test_failing_tasks_are_retried_then_dead_lettered(redis: RedisClient) -> None:
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_failing_tasks_are_retried_then_dead_lettered(
+    redis: RedisClient, concurrency: int
+) -> None:
     queue = TaskQueue(redis, "failing")
     await queue.ensure()
     bad = await queue.enqueue(Square(-1))
     good = await queue.enqueue(Square(2))
-    await Worker(queue, square, WorkerConfig(worker_id="w", block_ms=20, max_attempts=3)).run(
-        until_empty=True
-    )
+    worker = Worker(queue, square, config("w", max_attempts=3, concurrency=concurrency))
+    await worker.run(until_empty=True)
     by_id = {r.task_id: r for _, r in await queue.results()}
     assert by_id[good].ok
     assert not by_id[bad].ok
