@@ -4,13 +4,16 @@ from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
 from repertory.runtime.worker import Worker, WorkerConfig
 from repertory.schemas import schema
 from repertory.streams.client import RedisClient
+from repertory.streams.inbox import AutoclaimResult
 from repertory.streams.taskqueue import TaskQueue
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -207,3 +210,49 @@ async def test_tasks_that_finish_together_settle_together_each_once(
     workers = [result.worker for _, result in await queue.results()]
     assert sorted(workers) == ["other", "w", "w", "w"]
     assert await queue.unsettled() == 0
+
+
+async def test_a_task_in_hand_that_comes_back_by_reclaim_is_not_run_twice(
+    redis: RedisClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose event loop was blocked past a task's visibility reclaims its own task:
+    the task is running already, and runs once."""
+    queue = TaskQueue(redis, "reclaimed")
+    await queue.ensure()
+    await queue.enqueue(Square(5))
+    runs = 0
+    started = anyio.Event()
+    release = anyio.Event()
+
+    async def held(task: msgspec.Struct) -> Squared:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await release.wait()
+        return await square(task)
+
+    worker = Worker(queue, held, config("w", visibility_timeout_s=0.2, concurrency=2))
+    reclaims = 0
+
+    async def reclaim_own(consumer: str, min_idle_ms: int, **options: Any) -> AutoclaimResult:
+        nonlocal reclaims
+        await anyio.lowlevel.checkpoint()
+        pending = await queue.inbox.pending_entries()
+        entries = await queue.inbox.read_own_pending(consumer) if pending else []
+        reclaims += bool(entries)
+        return AutoclaimResult(b"0-0", entries, [])
+
+    async def reclaimed_twice() -> bool:
+        return reclaims >= 2
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(partial(worker.run, until_empty=True))
+        with anyio.fail_after(10):
+            await started.wait()
+        monkeypatch.setattr(queue.inbox, "autoclaim", reclaim_own)
+        await eventually(reclaimed_twice)
+        release.set()
+    assert runs == 1
+    assert worker.handled == 1
+    ((_, result),) = await queue.results()
+    assert result.ok
