@@ -40,6 +40,27 @@ def config(name: str, **overrides: float) -> WorkerConfig:
     return WorkerConfig(worker_id=name, block_ms=20, **overrides)  # type: ignore[arg-type]
 
 
+class Held:
+    """A handler that holds every task until `release` is set: it counts the runs and the most
+    that ran at once, and sets `started` once `expected` run at once."""
+
+    def __init__(self, expected: int = 1) -> None:
+        self.expected = expected
+        self.runs = self.running = self.most = 0
+        self.started = anyio.Event()
+        self.release = anyio.Event()
+
+    async def __call__(self, task: msgspec.Struct) -> Squared:
+        self.runs += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        if self.running >= self.expected:
+            self.started.set()
+        await self.release.wait()
+        self.running -= 1
+        return await square(task)
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 async def test_workers_share_the_queue_and_every_task_gets_one_result(
     redis: RedisClient, concurrency: int
@@ -111,30 +132,19 @@ async def test_long_tasks_keep_their_claims_by_heartbeating(redis: RedisClient, 
     await queue.ensure()
     for n in range(tasks):
         await queue.enqueue(Square(n))
-    started = 0
-    all_started = anyio.Event()
-    release = anyio.Event()
-
-    async def slow(task: msgspec.Struct) -> Squared:
-        nonlocal started
-        started += 1
-        if started == tasks:
-            all_started.set()
-        await release.wait()
-        return await square(task)
-
+    slow = Held(expected=tasks)
     visibility = 0.6
     owner = Worker(queue, slow, config("owner", visibility_timeout_s=visibility, concurrency=tasks))
     thief = Worker(queue, square, config("thief", visibility_timeout_s=visibility))
     async with anyio.create_task_group() as group:
         group.start_soon(lambda: owner.run(until_empty=True))
         with anyio.fail_after(10):
-            await all_started.wait()
+            await slow.started.wait()
         group.start_soon(lambda: thief.run(until_empty=True))
         # Let the tasks run through three visibility timeouts while the thief keeps looking.
         await anyio.sleep(3 * visibility)
         assert [row.consumer for row in await queue.inbox.pending_entries()] == ["owner"] * tasks
-        release.set()
+        slow.release.set()
     results = [result for _, result in await queue.results()]
     assert [result.worker for result in results] == ["owner"] * tasks
     assert thief.handled == 0
@@ -146,27 +156,14 @@ async def test_a_worker_runs_as_many_tasks_at_once_as_its_concurrency(
     queue = TaskQueue(redis, "concurrent")
     await queue.ensure()
     ids = [await queue.enqueue(Square(n)) for n in range(7)]
-    running = most = 0
-    three_running = anyio.Event()
-    gate = anyio.Event()
-
-    async def held(task: msgspec.Struct) -> Squared:
-        nonlocal running, most
-        running += 1
-        most = max(most, running)
-        if running == 3:
-            three_running.set()
-        await gate.wait()
-        running -= 1
-        return await square(task)
-
+    held = Held(expected=3)
     worker = Worker(queue, held, config("w", concurrency=3))
     async with anyio.create_task_group() as group:
         group.start_soon(partial(worker.run, until_empty=True))
         with anyio.fail_after(10):
-            await three_running.wait()
-        gate.set()
-    assert most == 3
+            await held.started.wait()
+        held.release.set()
+    assert held.most == 3
     assert sorted(result.task_id for _, result in await queue.results()) == sorted(ids)
     assert worker.handled == 7
     assert await queue.unsettled() == 0
@@ -220,17 +217,7 @@ async def test_a_task_in_hand_that_comes_back_by_reclaim_is_not_run_twice(
     queue = TaskQueue(redis, "reclaimed")
     await queue.ensure()
     await queue.enqueue(Square(5))
-    runs = 0
-    started = anyio.Event()
-    release = anyio.Event()
-
-    async def held(task: msgspec.Struct) -> Squared:
-        nonlocal runs
-        runs += 1
-        started.set()
-        await release.wait()
-        return await square(task)
-
+    held = Held()
     worker = Worker(queue, held, config("w", visibility_timeout_s=0.2, concurrency=2))
     reclaims = 0
 
@@ -248,11 +235,11 @@ async def test_a_task_in_hand_that_comes_back_by_reclaim_is_not_run_twice(
     async with anyio.create_task_group() as group:
         group.start_soon(partial(worker.run, until_empty=True))
         with anyio.fail_after(10):
-            await started.wait()
+            await held.started.wait()
         monkeypatch.setattr(queue.inbox, "autoclaim", reclaim_own)
         await eventually(reclaimed_twice)
-        release.set()
-    assert runs == 1
+        held.release.set()
+    assert held.runs == 1
     assert worker.handled == 1
     ((_, result),) = await queue.results()
     assert result.ok
