@@ -848,15 +848,22 @@ def _throughput(
     )
 
 
-def _flatness(rig: Rig, few: int, many: int, messages: int) -> Benchmark:
+def _node_alone(
+    rig: Rig, tag: str, actors: int | Sequence[Address], count: int, *, activated: bool = False
+) -> RoundRunner:
+    """Rounds of `throughput_round` with the node alone, each in a namespace of its own."""
     node, _ = _runtimes(rig)
 
-    def at(actors: int, count: int, tag: str, *, activated: bool = False) -> RoundRunner:
-        async def node_round(round_index: int) -> Sample:
-            app = f"f{tag}n{round_index}"
-            return await throughput_round(rig, node, app, actors, count, activated=activated)
+    async def node_round(round_index: int) -> Sample:
+        app = f"{tag}n{round_index}"
+        return await throughput_round(rig, node, app, actors, count, activated=activated)
 
-        return node_round
+    return node_round
+
+
+def _flatness(rig: Rig, few: int, many: int, messages: int) -> Benchmark:
+    def at(actors: int, count: int, tag: str, *, activated: bool = False) -> RoundRunner:
+        return _node_alone(rig, f"f{tag}", actors, count, activated=activated)
 
     return Benchmark(
         name="flatness, the node from 1 to 100,000 actors",
@@ -882,13 +889,9 @@ def _flatness(rig: Rig, few: int, many: int, messages: int) -> Benchmark:
 
 def _spread(rig: Rig, few: int, messages: int) -> Benchmark:
     """Where the flatness gap comes from: more actors, and more partitions in each commit."""
-    node, _ = _runtimes(rig)
 
     def at(addresses: list[Address], tag: str) -> RoundRunner:
-        async def node_round(round_index: int) -> Sample:
-            return await throughput_round(rig, node, f"s{tag}n{round_index}", addresses, messages)
-
-        return node_round
+        return _node_alone(rig, f"s{tag}", addresses, messages)
 
     every = range(PARTITIONS)
     return Benchmark(
